@@ -1,0 +1,427 @@
+"""The aggregator: preallocated device buffers that fold per-call statistics into windows.
+
+Hooks write each call's fixed-size results into per-step slot rows (``out=``, no copy) and hand
+over the variable-size parts (histograms, per-unit maxima). At the end of a sampled step the
+slots are folded into window buffers with a constant number of ``index_add_`` /
+``scatter_reduce_`` calls, whatever the number of layers. At the end of a window everything is
+packed into one float64 vector and copied to the host once (:meth:`Aggregator.flush`).
+
+Each buffer declares how it reduces: SUM (counts, sums, histograms), MAX (maxima; minima are
+stored negated so they fold with the same amax), which is what a cross-rank reduction needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from actmon import stats
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class WindowData:
+    """One window's raw statistics on the host (numpy), before any derived metric."""
+
+    first_step: int
+    last_step: int
+    sampled_steps: list[int]
+    act_sum: np.ndarray  # (L, 4) float64: sum, sumsq, softmax max-prob sum, softmax entropy sum
+    act_max: np.ndarray  # (L, 2): max, -min
+    act_count: np.ndarray  # (L, 2): nonzero, saturated
+    act_hist: np.ndarray  # (L, 2048) raw symlog counts
+    lin_hist: np.ndarray  # (L, linear_bins + 1); last bin NaN
+    unit_max: np.ndarray  # (U,) per-unit max over the window
+    batch_dead: np.ndarray  # (L,) units never > 0 in a step, summed over sampled steps
+    grad_sum: np.ndarray  # (L, 3): sum of squares, non-finite and NaN counts of output gradients
+    grad_max: np.ndarray  # (L, 2): max, -min of output gradients
+    grad_hist: np.ndarray  # (L, 2048)
+    param_sq: np.ndarray  # (P, 3): grad norm^2, weight norm^2, update norm^2 summed over steps
+    sentinel: np.ndarray  # (steps in window, 2): loss, total gradient norm (NaN where not given)
+    call_nonfinite: list[
+        tuple[int, list[int], np.ndarray]
+    ]  # (step, layer per call, count per call)
+    host: HostCounts
+
+
+@dataclass
+class HostCounts:
+    """Counters known on the host from shapes alone (no device read needed)."""
+
+    count: np.ndarray  # (L,) elements summarised
+    calls: np.ndarray  # (L,) forward calls summarised
+    steps_with_data: np.ndarray  # (L,) sampled steps in which the layer ran
+    softmax_rows: np.ndarray  # (L,)
+    grad_count: np.ndarray  # (L,) gradient elements summarised
+    grad_steps: np.ndarray  # (L,) sampled steps with an output gradient
+    param_steps: np.ndarray  # (P,) sampled steps with a gradient for the parameter
+    update_steps: np.ndarray  # (P,) sampled steps with an update measured
+    loss_given: list[bool] = field(default_factory=list)  # per step of the window
+    grad_given: list[bool] = field(default_factory=list)
+
+    @classmethod
+    def zeros(cls, layers: int, params: int) -> HostCounts:
+        z = lambda n: np.zeros(n, dtype=np.int64)  # noqa: E731
+        return cls(
+            z(layers), z(layers), z(layers), z(layers), z(layers), z(layers), z(params), z(params)
+        )
+
+
+Row = tuple[Tensor, ...]  # 0-d views into one slot row: kernels write each with ``out=``
+
+
+class _Slots:
+    """Per-step rows that calls write into; grown (rarely) when a step has more calls.
+
+    The 0-d views of every row are made once, when the rows are allocated: making them per
+    call would cost a dispatcher call per statistic on the hot path.
+    """
+
+    def __init__(self, widths: dict[str, tuple[int, torch.dtype]], device: torch.device) -> None:
+        self.widths = widths
+        self.device = device
+        self.capacity = 0
+        self.rows: dict[str, Tensor] = {}
+        self.views: list[tuple[Row, ...]] = []
+        self.layers: list[int] = []
+        self._grow(64)
+
+    def _grow(self, capacity: int) -> None:
+        new = {
+            name: torch.zeros(capacity, width, dtype=dtype, device=self.device)
+            for name, (width, dtype) in self.widths.items()
+        }
+        for name, old in self.rows.items():
+            new[name][: self.capacity].copy_(old)
+        self.rows, self.capacity = new, capacity
+        self.views = [
+            tuple(tuple(self.rows[name][n].unbind(0)) for name in self.widths)
+            for n in range(capacity)
+        ]
+
+    def next_rows(self) -> tuple[Row, ...]:
+        n = len(self.layers)
+        if n == self.capacity:
+            self._grow(2 * self.capacity)
+        return self.views[n]
+
+    def used(self, name: str) -> Tensor:
+        return self.rows[name][: len(self.layers)]
+
+
+class Aggregator:
+    """Owns the window buffers of one monitor; see the module docstring for the data flow."""
+
+    def __init__(self, n_layers: int, n_params: int, linear_bins: int, log_every: int) -> None:
+        self.n_layers = n_layers
+        self.n_params = n_params
+        self.linear_bins = linear_bins
+        self.log_every = log_every
+        self.device: torch.device | None = None
+        self.unit_offsets: dict[int, tuple[int, int]] = {}  # layer -> (offset, units)
+        self.n_units = 0
+        self._index_cache: dict[tuple[int, ...], Tensor] = {}
+        self._unit_index_cache: dict[tuple[int, ...], Tensor] = {}
+        self._pending_units: list[tuple[int, Tensor]] = []
+        self._pending_hist: list[Tensor] = []
+        self._pending_lin: list[tuple[int, Tensor]] = []
+        self._pending_grad_hist: list[Tensor] = []
+        self._grad_layers_this_step: set[int] = set()
+        self._layers_this_step: set[int] = set()
+        self._call_nonfinite: list[tuple[int, list[int], Tensor]] = []
+        self.host = HostCounts.zeros(n_layers, n_params)
+        self.sampled_steps: list[int] = []
+        self.first_step: int | None = None
+
+    # ---- buffers -------------------------------------------------------------------------
+    def ensure_device(self, device: torch.device) -> None:
+        """Allocate every buffer on ``device`` at the first summarised tensor."""
+        if self.device is not None:
+            return
+        self.device = device
+        L, P = self.n_layers, self.n_params
+        f64, f32, i64 = torch.float64, torch.float32, torch.int64
+        self.act_sum = torch.zeros(L, len(stats.ACT_SUM_FIELDS), dtype=f64, device=device)
+        self.act_max = torch.full((L, 2), _NEG_INF, dtype=f32, device=device)
+        self.act_count = torch.zeros(L, 2, dtype=i64, device=device)
+        self.act_hist = torch.zeros(L, stats.SYMLOG_BINS, dtype=i64, device=device)
+        self.lin_hist = torch.zeros(L, self.linear_bins + 1, dtype=i64, device=device)
+        self.unit_max = torch.full((self.n_units,), _NEG_INF, dtype=f32, device=device)
+        self.step_unit_max = torch.full((self.n_units,), _NEG_INF, dtype=f32, device=device)
+        self.unit_layer = torch.zeros(self.n_units, dtype=i64, device=device)
+        self.batch_dead = torch.zeros(L, dtype=f64, device=device)
+        self.grad_sum = torch.zeros(L, len(stats.GRAD_SUM_FIELDS), dtype=f64, device=device)
+        self.grad_max = torch.full((L, 2), _NEG_INF, dtype=f32, device=device)
+        self.grad_hist = torch.zeros(L, stats.SYMLOG_BINS, dtype=i64, device=device)
+        self.param_sq = torch.zeros(P, 3, dtype=f64, device=device)
+        self.sentinel = torch.full((self.log_every, 2), float("nan"), dtype=f32, device=device)
+        self.nonfinite_bins = torch.tensor(stats.NONFINITE_BINS, dtype=i64, device=device)
+        self.fwd = _Slots({"sums": (4, f32), "maxes": (2, f32), "counts": (2, torch.int32)}, device)
+        self.bwd = _Slots({"sums": (len(stats.GRAD_SUM_FIELDS), f32), "maxes": (2, f32)}, device)
+        for layer, (offset, units) in self.unit_offsets.items():
+            self.unit_layer[offset : offset + units] = layer
+
+    def register_units(self, layer: int, units: int) -> int:
+        """Give ``layer`` a slice of the per-unit buffers; returns its offset."""
+        if layer in self.unit_offsets:
+            return self.unit_offsets[layer][0]
+        offset = self.n_units
+        self.unit_offsets[layer] = (offset, units)
+        self.n_units += units
+        if self.device is not None:  # grow the unit buffers (only while layers are discovered)
+            grow = lambda t, fill: torch.cat(  # noqa: E731
+                [t, torch.full((units,), fill, dtype=t.dtype, device=self.device)]
+            )
+            self.unit_max = grow(self.unit_max, _NEG_INF)
+            self.step_unit_max = grow(self.step_unit_max, _NEG_INF)
+            self.unit_layer = grow(self.unit_layer, layer)
+        self._unit_index_cache.clear()
+        return offset
+
+    # ---- per call (hooks) ----------------------------------------------------------------
+    def forward_rows(self) -> tuple[Row, ...]:
+        """The next call's slot views: (sums, maxes, counts); see ``stats.summarize_activation``."""
+        return self.fwd.next_rows()
+
+    def commit_forward(
+        self,
+        layer: int,
+        numel: int,
+        hist: Tensor,
+        unit_max: Tensor | None,
+        linear: Tensor | None,
+        softmax_rows: int,
+    ) -> None:
+        """Record one forward call whose fixed-size results are already in the current rows."""
+        self.fwd.layers.append(layer)
+        self._pending_hist.append(hist)
+        if unit_max is not None:
+            self._pending_units.append((layer, unit_max))
+        if linear is not None:
+            self._pending_lin.append((layer, linear))
+        host = self.host
+        host.count[layer] += numel
+        host.calls[layer] += 1
+        host.softmax_rows[layer] += softmax_rows
+        if layer not in self._layers_this_step:
+            self._layers_this_step.add(layer)
+            host.steps_with_data[layer] += 1
+
+    def backward_rows(self) -> tuple[Row, ...]:
+        """The next gradient call's slot views: (sums, maxes)."""
+        return self.bwd.next_rows()
+
+    def commit_backward(self, layer: int, numel: int, hist: Tensor | None) -> None:
+        self.bwd.layers.append(layer)
+        if hist is not None:
+            self._pending_grad_hist.append(hist)
+        self.host.grad_count[layer] += numel
+        if layer not in self._grad_layers_this_step:
+            self._grad_layers_this_step.add(layer)
+            self.host.grad_steps[layer] += 1
+
+    def record_params(
+        self,
+        index: Tensor,
+        grad_norms: Tensor | None,
+        weight_norms: Tensor | None,
+        update_norms: Tensor | None,
+        positions: list[int],
+    ) -> None:
+        """Add one sampled step's per-parameter norms (already on the device) to the window."""
+        for column, norms in enumerate((grad_norms, weight_norms, update_norms)):
+            if norms is not None:
+                self.param_sq[:, column].index_add_(0, index, norms.double().square_())
+        if grad_norms is not None:
+            self.host.param_steps[positions] += 1
+        if update_norms is not None:
+            self.host.update_steps[positions] += 1
+
+    def record_sentinel(self, position: int, column: int, value: Tensor) -> None:
+        """Every step: the loss (column 0) or total gradient norm (column 1), no host read."""
+        self.sentinel[position, column].copy_(value.detach())
+
+    # ---- per step ------------------------------------------------------------------------
+    def end_step(self, step: int, sampled: bool) -> None:
+        """Fold the step's slot rows into the window buffers (a constant number of calls)."""
+        if self.first_step is None:
+            self.first_step = step
+        if sampled:
+            self.sampled_steps.append(step)
+        if self.device is None:
+            return
+        self._fold_forward(step)
+        self._fold_backward()
+        self._layers_this_step.clear()
+        self._grad_layers_this_step.clear()
+
+    def _index(self, layers: list[int]) -> Tensor:
+        key = tuple(layers)
+        cached = self._index_cache.get(key)
+        if cached is None:  # steady-state steps repeat the same call sequence: no host->device copy
+            if len(self._index_cache) > 256:
+                self._index_cache.clear()
+            cached = torch.tensor(key, dtype=torch.int64, device=self.device)
+            self._index_cache[key] = cached
+        return cached
+
+    def _fold_forward(self, step: int) -> None:
+        layers = self.fwd.layers
+        if not layers:
+            return
+        index = self._index(layers)
+        self.act_sum.index_add_(0, index, self.fwd.used("sums").double())
+        maxes = self.fwd.used("maxes")
+        maxes[:, 1].neg_()
+        self.act_max.scatter_reduce_(0, index.unsqueeze(1).expand_as(maxes), maxes, "amax")
+        self.act_count.index_add_(0, index, self.fwd.used("counts").long())
+        hists = torch.stack(self._pending_hist)
+        self.act_hist.index_add_(0, index, hists)
+        per_call_nonfinite = hists.index_select(1, self.nonfinite_bins).sum(1)
+        self._call_nonfinite.append((step, list(layers), per_call_nonfinite))
+        if self._pending_lin:
+            lin_layers = [layer for layer, _ in self._pending_lin]
+            self.lin_hist.index_add_(
+                0, self._index(lin_layers), torch.stack([h for _, h in self._pending_lin])
+            )
+        if self._pending_units:
+            self._fold_units()
+        layers.clear()
+        self._pending_hist.clear()
+        self._pending_lin.clear()
+        self._pending_units.clear()
+
+    def _fold_units(self) -> None:
+        unit_layers = tuple(layer for layer, _ in self._pending_units)
+        index = self._unit_index_cache.get(unit_layers)
+        if index is None:
+            positions = [
+                torch.arange(off, off + n)
+                for off, n in (self.unit_offsets[layer] for layer in unit_layers)
+            ]
+            index = torch.cat(positions).to(self.device)
+            self._unit_index_cache[unit_layers] = index
+        step_max = self.step_unit_max.fill_(_NEG_INF)
+        step_max.scatter_reduce_(0, index, torch.cat([u for _, u in self._pending_units]), "amax")
+        torch.maximum(self.unit_max, step_max, out=self.unit_max)
+        # Units of layers that ran this step and were never > 0 in it: the per-batch dead count.
+        dead_now = (step_max <= 0).logical_and_(step_max != _NEG_INF)
+        self.batch_dead.index_add_(0, self.unit_layer, dead_now.double())
+
+    def _fold_backward(self) -> None:
+        layers = self.bwd.layers
+        if not layers:
+            return
+        index = self._index(layers)
+        self.grad_sum.index_add_(0, index, self.bwd.used("sums").double())
+        maxes = self.bwd.used("maxes")
+        maxes[:, 1].neg_()
+        self.grad_max.scatter_reduce_(0, index.unsqueeze(1).expand_as(maxes), maxes, "amax")
+        if self._pending_grad_hist:  # gradient histograms on: one per call
+            self.grad_hist.index_add_(0, index, torch.stack(self._pending_grad_hist))
+        layers.clear()
+        self._pending_grad_hist.clear()
+
+    # ---- per window ----------------------------------------------------------------------
+    def flush(self, last_step: int, steps_in_window: int) -> WindowData:
+        """Pack the window into one vector, copy it to the host once, reset, and return it."""
+        parts: list[Tensor] = []
+        if self.device is not None:
+            nonfinite = [t for _, _, t in self._call_nonfinite]
+            parts = [
+                self.act_sum,
+                self.act_max,
+                self.act_count,
+                self.act_hist,
+                self.lin_hist,
+                self.unit_max,
+                self.batch_dead,
+                self.grad_sum,
+                self.grad_max,
+                self.grad_hist,
+                self.param_sq,
+                self.sentinel[:steps_in_window],
+                *nonfinite,
+            ]
+            packed = torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
+            host = packed.cpu().numpy()  # the one device-to-host copy of the window
+            arrays = _split(host, parts)
+        else:
+            arrays = self._empty_arrays(steps_in_window)
+        call_nonfinite = [
+            (step, layers, arrays[12 + i])
+            for i, (step, layers, _) in enumerate(self._call_nonfinite)
+        ]
+        data = WindowData(
+            first_step=self.first_step if self.first_step is not None else last_step,
+            last_step=last_step,
+            sampled_steps=list(self.sampled_steps),
+            act_sum=arrays[0],
+            act_max=arrays[1],
+            act_count=arrays[2],
+            act_hist=arrays[3],
+            lin_hist=arrays[4],
+            unit_max=arrays[5],
+            batch_dead=arrays[6],
+            grad_sum=arrays[7],
+            grad_max=arrays[8],
+            grad_hist=arrays[9],
+            param_sq=arrays[10],
+            sentinel=arrays[11],
+            call_nonfinite=call_nonfinite,
+            host=self.host,
+        )
+        self._reset()
+        return data
+
+    def _empty_arrays(self, steps: int) -> list[np.ndarray]:
+        L, P = self.n_layers, self.n_params
+        nan = np.full((steps, 2), np.nan)
+        return [
+            np.zeros((L, 4)),
+            np.full((L, 2), -np.inf),
+            np.zeros((L, 2)),
+            np.zeros((L, stats.SYMLOG_BINS)),
+            np.zeros((L, self.linear_bins + 1)),
+            np.full(self.n_units, -np.inf),
+            np.zeros(L),
+            np.zeros((L, len(stats.GRAD_SUM_FIELDS))),
+            np.full((L, 2), -np.inf),
+            np.zeros((L, stats.SYMLOG_BINS)),
+            np.zeros((P, 3)),
+            nan,
+        ]
+
+    def _reset(self) -> None:
+        if self.device is not None:
+            for t in (
+                self.act_sum,
+                self.act_count,
+                self.act_hist,
+                self.lin_hist,
+                self.batch_dead,
+                self.grad_sum,
+                self.grad_hist,
+                self.param_sq,
+            ):
+                t.zero_()
+            for t in (self.act_max, self.unit_max, self.grad_max):
+                t.fill_(_NEG_INF)
+            self.sentinel.fill_(float("nan"))
+        self._call_nonfinite = []
+        self.host = HostCounts.zeros(self.n_layers, self.n_params)
+        self.sampled_steps = []
+        self.first_step = None
+
+
+def _split(flat: np.ndarray, parts: list[Tensor]) -> list[np.ndarray]:
+    out, offset = [], 0
+    for p in parts:
+        n = p.numel()
+        out.append(flat[offset : offset + n].reshape(tuple(p.shape)))
+        offset += n
+    return out

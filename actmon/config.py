@@ -1,0 +1,213 @@
+"""Configuration: pydantic models, YAML files, the ``ACTMON_CONFIG`` variable and keyword overrides.
+
+Precedence, lowest first: the defaults declared here < the ``config=`` argument (a YAML path, a
+dict or a :class:`Config`) < the YAML file named by ``ACTMON_CONFIG`` < keyword overrides.
+Every error names the field, the value it got and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from actmon.errors import ConfigError
+from actmon.kinds import Kind
+
+ENV_VAR = "ACTMON_CONFIG"
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class HistogramConfig(_Strict):
+    """How histograms are exported. Binning on the device is fixed, so windows and ranks merge."""
+
+    # Symmetric-log view: |x| < 2**min_exp (zeros included) share the centre bin; |x| >= 2**max_exp
+    # is clamped into the outermost bins. Non-finite values are counted apart, never binned.
+    min_exp: int = Field(-24, ge=-126, le=127)
+    max_exp: int = Field(24, ge=-126, le=127)
+    # Sub-bins per power of two in the exported view (the device keeps 4; coarser views merge them).
+    bins_per_octave: Literal[1, 2, 4] = 4
+    # Bounded kinds (sigmoid, tanh, clipping, softmax): equal-width bins over their output range.
+    linear_bins: int = Field(32, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _range(self) -> HistogramConfig:
+        if self.min_exp >= self.max_exp:
+            raise ValueError(
+                f"min_exp ({self.min_exp}) must be smaller than max_exp ({self.max_exp})"
+            )
+        return self
+
+
+class GradientsConfig(_Strict):
+    """Which gradient statistics are taken on sampled steps."""
+
+    output: bool = (
+        True  # norms of each layer's output gradient (tensor hooks from the forward hook)
+    )
+    parameters: bool = True  # per-parameter and per-layer gradient and weight norms
+    # ||w_after - w_before|| / ||w|| per layer, measured on the first step of each window. It needs
+    # a transient copy of the parameters during that optimizer step, and an optimizer to hook.
+    update_ratio: bool = True
+    # Histograms of output gradients too (NaN/Inf counts are exact either way). Binning costs
+    # ~0.7 ns per element on a CPU, so it is off by default.
+    histogram: bool = False
+
+
+class Config(_Strict):
+    """Everything a monitor can be told. Defaults are chosen to stay on during real training."""
+
+    run_name: str | None = None  # default: "actmon-<UTC timestamp>"
+    log_every: int = Field(10, ge=1)  # steps per window; one device-to-host copy per window
+    # Full statistics on every n-th step of a window, counted from the window's first step, so
+    # every window holds at least one sampled step. 1 = every step ("full coverage").
+    sample_every: int = Field(10, ge=1)
+    include: list[str] = Field(default_factory=lambda: ["*"])  # fnmatch globs on module names
+    exclude: list[str] = Field(default_factory=list)
+    kinds: dict[str, Kind] = Field(default_factory=dict)  # glob -> kind override
+    unit_axis: dict[str, int] = Field(default_factory=dict)  # glob -> unit axis override
+    saturation_eps: float = Field(0.01, gt=0.0, lt=0.5)
+    quantiles: list[float] = Field(
+        default_factory=lambda: [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99]
+    )
+    histogram: HistogramConfig = Field(default_factory=HistogramConfig)
+    gradients: GradientsConfig = Field(default_factory=GradientsConfig)
+    skip_no_grad: bool = True  # forwards under torch.no_grad() (evaluation) are not recorded
+    escalate_on_nonfinite: bool = True  # sample every step after a window saw a non-finite loss
+    history: int = Field(100, ge=1)  # snapshots kept in ``monitor.history``
+    strict: bool = False  # raise on a hook failure instead of skipping the layer (tests use it)
+
+    @field_validator("quantiles")
+    @classmethod
+    def _quantiles(cls, value: list[float]) -> list[float]:
+        for q in value:
+            if not 0.0 < q < 1.0:
+                raise ValueError(f"quantile {q} is outside (0, 1)")
+        return sorted(set(value))
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _globs(cls, value: list[str]) -> list[str]:
+        for glob in value:
+            if not glob:
+                raise ValueError("an empty glob matches nothing; use '*' for every layer")
+        return value
+
+
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
+    **overrides: Any,
+) -> Config:
+    """Build a :class:`Config` from defaults, ``source``, ``$ACTMON_CONFIG`` and ``overrides``."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if isinstance(source, Config):
+        layers.append(("the Config object", source.model_dump(exclude_unset=True)))
+    elif isinstance(source, Mapping):
+        layers.append(("the config dict", dict(source)))
+    elif source is not None:
+        layers.append(_read_yaml(Path(source)))
+    env_path = os.environ.get(ENV_VAR)
+    if env_path:
+        origin, data = _read_yaml(Path(env_path))
+        layers.append((f"{origin} (from ${ENV_VAR})", data))
+    if overrides:
+        layers.append(("keyword overrides", overrides))
+    merged: dict[str, Any] = {}
+    for origin, data in layers:
+        _validate_layer(origin, data)
+        merged = _deep_merge(merged, data)
+    return _validate(merged, " and ".join(origin for origin, _ in layers) or "defaults")
+
+
+def _read_yaml(path: Path) -> tuple[str, dict[str, Any]]:
+    origin = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {origin!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {origin!r} cannot be read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"config file {origin!r} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {origin!r} must hold a mapping of fields at the top level,"
+            f" got {type(data).__name__}"
+        )
+    return origin, data
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _validate_layer(origin: str, data: Mapping[str, Any]) -> None:
+    """Validate one source alone so a field's error names the file or argument that holds it.
+
+    Errors between fields (which may come from different sources) are left to the merged check.
+    """
+    try:
+        Config.model_validate(dict(data))
+    except ValidationError as exc:
+        if any(err["loc"] for err in exc.errors()):
+            raise ConfigError(_describe(exc, origin)) from None
+
+
+def _validate(data: dict[str, Any], origin: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from None
+
+
+def _describe(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid actmon config in {origin}:"]
+    for err in exc.errors():
+        path = ".".join(str(part) for part in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_fields(err["loc"][:-1])
+            hint = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            lines.append(
+                f"  field {path!r}: unknown field{suggestion}; allowed: {', '.join(allowed)}"
+            )
+            continue
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  field {path!r}: got {err.get('input')!r}; {message}")
+    return "\n".join(lines)
+
+
+def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

@@ -1,0 +1,269 @@
+"""The monitor: what ``actmon.watch`` returns. It drives the step/window cycle and the sinks.
+
+Data flows one way: hooks (attach) -> kernels (stats) -> aggregator -> Snapshot -> sinks.
+The monitor only decides *when*: which steps are sampled, when a window is flushed, and where
+each Snapshot goes. Nothing it does on a training step reads a value back from the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from actmon.aggregate import Aggregator
+from actmon.attach import Attacher, Layer, select_layers
+from actmon.config import Config, load_config
+from actmon.errors import HookError, MonitorStateError
+from actmon.sinks import Sink
+from actmon.snapshot import LayerInfo, NonFinite, Snapshot, build_snapshot
+
+log = logging.getLogger("actmon")
+
+_WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+class Monitor:
+    """Watches one model; see :func:`watch`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        config: Any = None,
+        *,
+        sinks: Iterable[Sink] = (),
+        **overrides: Any,
+    ) -> None:
+        if model in _WATCHED:
+            raise MonitorStateError(
+                f"{type(model).__name__} is already watched by an open monitor; close() it"
+                " before calling watch() again"
+            )
+        self.config: Config = load_config(config, **overrides)
+        self.run = self.config.run_name or datetime.now(timezone.utc).strftime(
+            "actmon-%Y%m%d-%H%M%S"
+        )
+        optimizers = (
+            []
+            if optimizer is None
+            else [optimizer]
+            if isinstance(optimizer, torch.optim.Optimizer)
+            else list(optimizer)
+        )
+        self._layers: list[Layer] = select_layers(model, self.config)
+        self.errors: dict[str, int] = {}
+        self.internal_errors_total = 0
+        self._logged: set[str] = set()
+        self._sink_list: list[Sink] = list(sinks)
+        self.history: deque[Snapshot] = deque(maxlen=self.config.history)
+        self.first_nonfinite: NonFinite | None = None
+        self._step = 0  # completed steps
+        self._in_window = 0
+        self._flush_seconds = 0.0
+        self._escalated = False
+        self._closed = False
+        self._aggregator = Aggregator(
+            len(self._layers), 0, self.config.histogram.linear_bins, self.config.log_every
+        )
+        self._attacher = Attacher(
+            model, self._layers, self._aggregator, self.config, optimizers, self._record_error
+        )
+        self._aggregator.n_params = len(self._attacher.param_names)
+        self._aggregator.host = type(self._aggregator.host).zeros(
+            len(self._layers), self._aggregator.n_params
+        )
+        self._model_ref = weakref.ref(model)
+        _WATCHED.add(model)
+        self._attacher.sampling = self._is_sampled(0)
+
+    # ---- public API ----------------------------------------------------------------------
+    @property
+    def layers(self) -> list[LayerInfo]:
+        """Every monitored layer: name, kind, unit axis and number of units."""
+        return [layer.public() for layer in self._layers]
+
+    @property
+    def step_count(self) -> int:
+        """Training steps completed so far (calls of :meth:`step`)."""
+        return self._step
+
+    @property
+    def overhead_seconds_total(self) -> float:
+        """Host time spent in actmon's hooks and flushes (the monitor's own cost)."""
+        return self._attacher.overhead_seconds + self._flush_seconds
+
+    def step(self, loss: Tensor | float | None = None) -> Snapshot | None:
+        """End a training step (call it after ``optimizer.step()``).
+
+        Returns the window's Snapshot when this step ends a window, else None.
+        """
+        if self._closed:
+            self._log_once("closed", "actmon: step() after close() is ignored")
+            return None
+        start = time.perf_counter()
+        try:
+            self._record_step(loss)
+        except Exception as exc:
+            self._record_error("(step)", exc)
+        self._step += 1
+        self._in_window += 1
+        snapshot = None
+        if self._in_window >= self.config.log_every:
+            snapshot = self._flush()
+        self._attacher.sampling = self._is_sampled(self._in_window)
+        self._attacher.measure_update = self._in_window == 0
+        self._flush_seconds += time.perf_counter() - start
+        return snapshot
+
+    def snapshot(self) -> Snapshot | None:
+        """The latest complete window (None before the first window ends)."""
+        return self.history[-1] if self.history else None
+
+    def flush(self) -> Snapshot | None:
+        """End the current window early (e.g. at the end of training); None if it is empty."""
+        if self._in_window == 0:
+            return None
+        return self._flush()
+
+    def add_sink(self, sink: Sink) -> None:
+        self._sink_list.append(sink)
+
+    def close(self) -> None:
+        """Flush the partial window, remove every hook, close the sinks. Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._attacher.remove()
+            model = self._model_ref()
+            if model is not None:
+                _WATCHED.discard(model)
+            for sink in self._sink_list:
+                try:
+                    sink.close()
+                except Exception as exc:
+                    self._record_error(f"sink {type(sink).__name__}", exc)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- internals -----------------------------------------------------------------------
+    def _is_sampled(self, position_in_window: int) -> bool:
+        every = 1 if self._escalated else self.config.sample_every
+        return position_in_window % every == 0
+
+    def _record_step(self, loss: Tensor | float | None) -> None:
+        agg = self._aggregator
+        host = agg.host
+        position = self._in_window
+        total = self._attacher.end_step()
+        if loss is not None:
+            loss_t = loss if isinstance(loss, Tensor) else torch.tensor(float(loss))
+            if loss_t.numel() != 1:
+                raise HookError(
+                    f"step(loss=...) needs a scalar loss, got shape {tuple(loss_t.shape)}"
+                )
+            agg.ensure_device(loss_t.device)
+            agg.record_sentinel(position, 0, loss_t.reshape(()).to(agg.device, torch.float32))
+        host.loss_given.append(loss is not None)
+        if total is not None:
+            agg.record_sentinel(position, 1, total.float())
+        host.grad_given.append(total is not None)
+        agg.end_step(self._step + 1, self._attacher.sampling)
+
+    def _flush(self) -> Snapshot | None:
+        start = time.perf_counter()
+        snapshot = None
+        try:
+            data = self._aggregator.flush(self._step, self._in_window)
+            snapshot = build_snapshot(
+                data,
+                self.run,
+                self.layers,
+                list(zip(self._attacher.param_names, self._attacher.param_layers, strict=True)),
+                self.config,
+                self._aggregator.unit_offsets,
+            )
+            self.history.append(snapshot)
+            self._after_window(snapshot)
+        except Exception as exc:
+            self._record_error("(flush)", exc)
+        finally:
+            self._in_window = 0
+            self._flush_seconds += time.perf_counter() - start
+        if snapshot is not None:
+            for sink in self._sink_list:
+                try:
+                    sink.write(snapshot)
+                except Exception as exc:  # a failing sink never stops training
+                    self._record_error(f"sink {type(sink).__name__}", exc)
+        return snapshot
+
+    def _after_window(self, snapshot: Snapshot) -> None:
+        nonfinite = snapshot.first_nonfinite
+        if nonfinite is not None and self.first_nonfinite is None:
+            self.first_nonfinite = nonfinite
+            where = f" in layer {nonfinite.layer!r}" if nonfinite.layer else ""
+            log.warning(
+                "actmon: first non-finite %s at step %d%s", nonfinite.source, nonfinite.step, where
+            )
+        # Pinpoint the offender: after a window with a non-finite loss or gradient norm that no
+        # sampled step explained, sample every step until a layer is named.
+        if self.config.escalate_on_nonfinite:
+            unexplained = nonfinite is not None and nonfinite.layer is None
+            if unexplained and not self._escalated:
+                log.warning("actmon: sampling every step to find the first non-finite layer")
+            self._escalated = unexplained or (self._escalated and not _has_layer(nonfinite))
+
+    def _record_error(self, where: str, exc: BaseException) -> None:
+        if self.config.strict:
+            if isinstance(exc, HookError):
+                raise exc
+            raise HookError(f"{where}: {type(exc).__name__}: {exc}") from exc
+        self.errors[where] = self.errors.get(where, 0) + 1
+        self.internal_errors_total += 1
+        self._log_once(
+            where, f"actmon: {where} skipped after an error: {type(exc).__name__}: {exc}"
+        )
+
+    def _log_once(self, key: str, message: str) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            log.warning(message)
+
+
+def _has_layer(nonfinite: NonFinite | None) -> bool:
+    return nonfinite is not None and nonfinite.layer is not None
+
+
+def watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+    config: Any = None,
+    *,
+    sinks: Iterable[Sink] = (),
+    **overrides: Any,
+) -> Monitor:
+    """Attach actmon to every leaf layer of ``model``.
+
+    ``config`` is a YAML path, a dict or an :class:`~actmon.config.Config`; ``ACTMON_CONFIG`` and
+    keyword ``overrides`` (e.g. ``log_every=5``) take precedence over it, in that order. Give the
+    ``optimizer`` to get gradient norms after accumulation and update-to-weight ratios.
+    """
+    return Monitor(model, optimizer, config, sinks=sinks, **overrides)
+
+
+__all__ = ["Monitor", "watch"]

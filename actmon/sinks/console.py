@@ -1,0 +1,106 @@
+"""Console sink: the per-layer health table, rendered with rich."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.table import Table
+
+from actmon.snapshot import LayerStats, Snapshot
+
+
+def _fmt(value: float | None, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return f"{100 * value:.1f}%" if pct else f"{value:.3g}"
+
+
+def _health(layer: LayerStats) -> str:
+    """The layer's worst fraction (dead, dormant or saturated) as a coloured cell."""
+    worst = max(
+        (
+            v
+            for v in (layer.dead_fraction, layer.dormant_fraction, layer.saturation_fraction)
+            if v is not None
+        ),
+        default=None,
+    )
+    text = _fmt(worst, pct=True)
+    if layer.nonfinite_count:
+        return f"[bold red]NaN/Inf {layer.nonfinite_count}[/]"
+    if worst is None:
+        return text
+    colour = "red" if worst > 0.5 else "yellow" if worst > 0.1 else "green"
+    return f"[{colour}]{text}[/]"
+
+
+def render_table(snapshot: Snapshot) -> Table:
+    """A rich Table with one row per layer of the window."""
+    loss = _fmt(snapshot.loss)
+    gnorm = _fmt(snapshot.grad_norm_total)
+    table = Table(
+        title=f"actmon {snapshot.run}: steps {snapshot.window[0]}-{snapshot.window[1]},"
+        f" loss {loss}, grad norm {gnorm}",
+        title_justify="left",
+    )
+    for column in (
+        "layer",
+        "kind",
+        "units",
+        "calls",
+        "mean",
+        "std",
+        "min",
+        "max",
+        "zero",
+        "dead|sat",
+        "|grad|",
+        "|out grad|",
+        "update",
+    ):
+        table.add_column(column, justify="left" if column in ("layer", "kind") else "right")
+    for layer in snapshot.layers.values():
+        table.add_row(
+            layer.name,
+            layer.kind.value,
+            str(layer.units or "-"),
+            str(layer.calls),
+            _fmt(layer.mean),
+            _fmt(layer.std),
+            _fmt(layer.min),
+            _fmt(layer.max),
+            _fmt(layer.zero_fraction, pct=True),
+            _health(layer),
+            _fmt(layer.grad_norm),
+            _fmt(layer.output_grad_norm),
+            _fmt(layer.update_ratio),
+        )
+    return table
+
+
+class ConsoleSink:
+    """Prints the health table every ``every`` windows (and the last one at close)."""
+
+    def __init__(self, every: int = 1, console: Console | None = None) -> None:
+        if every < 1:
+            raise ValueError(f"ConsoleSink every: got {every}, must be >= 1")
+        self.every = every
+        self.console = console or Console()
+        self._seen = 0
+        self._last: Snapshot | None = None
+        self._printed_last = False
+
+    def write(self, snapshot: Snapshot) -> None:
+        self._seen += 1
+        self._last = snapshot
+        self._printed_last = self._seen % self.every == 0
+        if self._printed_last:
+            self.console.print(render_table(snapshot))
+
+    def close(self) -> None:
+        if self._last is not None and not self._printed_last:
+            self.console.print(render_table(self._last))
+        self._printed_last = True

@@ -1,0 +1,319 @@
+"""Snapshots: one window of statistics as plain Python/numpy data, and how they are derived.
+
+A :class:`Snapshot` is what rules and sinks consume. It holds no torch tensors, so it can be
+pickled, logged or sent across threads freely. :func:`build_snapshot` turns the aggregator's
+raw window (:class:`~actmon.aggregate.WindowData`) into the metrics users read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from actmon import histogram, stats
+from actmon.aggregate import WindowData
+from actmon.config import Config
+from actmon.kinds import BOUNDED_KINDS, DORMANT_KINDS, SATURATING_KINDS, Kind
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A monitored layer: its name in ``named_modules()``, kind, unit axis and number of units.
+
+    ``unit_axis`` and ``units`` are known once the layer has run (or from the module for
+    Linear/Conv/norm layers); they are None before that.
+    """
+
+    name: str
+    kind: Kind
+    unit_axis: int | None
+    units: int | None
+    params: tuple[str, ...] = ()
+    bounds: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One layer's statistics over one window (None where a metric does not apply)."""
+
+    name: str
+    kind: Kind
+    calls: int  # forward calls summarised in the window (a shared module counts each call)
+    sampled_steps: int  # sampled steps in which the layer ran
+    count: int  # elements summarised
+    mean: float
+    std: float  # population standard deviation
+    min: float
+    max: float
+    zero_fraction: float
+    nan_count: int
+    posinf_count: int
+    neginf_count: int
+    units: int | None
+    dead_units: int | None  # ReLU family: never > 0 in any sampled batch of the window
+    dead_fraction: float | None
+    dead_fraction_batch: float | None  # mean over sampled batches of the per-batch dead share
+    dormant_fraction: float | None  # leaky / smooth-gated: never > 0 in the window
+    saturation_fraction: float | None  # sigmoid / tanh / clipping kinds
+    softmax_max_prob: float | None
+    softmax_entropy: float | None
+    quantiles: dict[float, float]
+    hist_edges: np.ndarray = field(repr=False)
+    hist_counts: np.ndarray = field(repr=False)
+    output_grad_norm: float | None = None  # RMS over sampled steps of the per-step L2 norm
+    output_grad_abs_max: float | None = None
+    output_grad_nan_count: int = 0
+    output_grad_inf_count: int = 0
+    grad_norm: float | None = None  # parameter gradient L2 norm of the layer (RMS over steps)
+    weight_norm: float | None = None
+    update_ratio: float | None = None  # ||delta w|| / ||w||
+
+    @property
+    def nonfinite_count(self) -> int:
+        return (
+            self.nan_count
+            + self.posinf_count
+            + self.neginf_count
+            + self.output_grad_nan_count
+            + self.output_grad_inf_count
+        )
+
+
+@dataclass(frozen=True)
+class ParamStats:
+    """One parameter's norms over one window (RMS over the sampled steps)."""
+
+    name: str
+    layer: str | None
+    grad_norm: float | None
+    weight_norm: float | None
+    update_ratio: float | None
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """Where non-finite values first showed up: the step, and the layer when it was sampled."""
+
+    step: int
+    source: str  # "activation", "gradient", "loss" or "grad_norm"
+    layer: str | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One window: run-level values plus :class:`LayerStats` per layer that ran."""
+
+    run: str
+    step: int  # the last step of the window
+    window: tuple[int, int]  # first and last step
+    sampled_steps: tuple[int, ...]
+    loss: float | None  # mean over the window's steps that reported a loss
+    loss_last: float | None
+    losses: tuple[float, ...]  # per step (NaN where no loss was given)
+    grad_norm_total: float | None  # RMS over the window's steps of the total gradient norm
+    grad_norm_total_max: float | None
+    grad_norms_total: tuple[float, ...]  # per step
+    first_nonfinite: NonFinite | None
+    layers: dict[str, LayerStats]
+    params: dict[str, ParamStats]
+
+    @property
+    def nonfinite_count(self) -> int:
+        """NaN/Inf values seen in the window's activations and output gradients."""
+        return sum(layer.nonfinite_count for layer in self.layers.values())
+
+
+def build_snapshot(
+    data: WindowData,
+    run: str,
+    layers: list[LayerInfo],
+    params: list[tuple[str, int | None]],
+    config: Config,
+    unit_offsets: dict[int, tuple[int, int]],
+) -> Snapshot:
+    """Derive every metric of a window from the raw counts (host only, numpy)."""
+    layer_stats: dict[str, LayerStats] = {}
+    for i, info in enumerate(layers):
+        if data.host.calls[i] == 0:
+            continue
+        layer_stats[info.name] = _layer_stats(i, info, data, config, unit_offsets.get(i))
+    _add_param_norms(layer_stats, layers, params, data)
+    losses, totals = data.sentinel[:, 0], data.sentinel[:, 1]
+    loss_given = _flags(data.host.loss_given, len(losses))
+    grad_given = _flags(data.host.grad_given, len(totals))
+    loss_values, seen_totals = losses[loss_given], totals[grad_given]
+    return Snapshot(
+        run=run,
+        step=data.last_step,
+        window=(data.first_step, data.last_step),
+        sampled_steps=tuple(data.sampled_steps),
+        loss=float(np.mean(loss_values)) if loss_values.size else None,
+        loss_last=float(loss_values[-1]) if loss_values.size else None,
+        losses=tuple(float(v) if g else math.nan for v, g in zip(losses, loss_given, strict=True)),
+        grad_norm_total=float(np.sqrt(np.mean(np.square(seen_totals))))
+        if seen_totals.size
+        else None,
+        grad_norm_total_max=float(np.max(seen_totals)) if seen_totals.size else None,
+        grad_norms_total=tuple(
+            float(v) if g else math.nan for v, g in zip(totals, grad_given, strict=True)
+        ),
+        first_nonfinite=_first_nonfinite(data, layers, loss_given, grad_given),
+        layers=layer_stats,
+        params=_param_stats(layers, params, data),
+    )
+
+
+def _flags(flags: list[bool], n: int) -> np.ndarray:
+    """Which of the window's n steps reported a value (steps without one hold NaN)."""
+    return np.array((flags + [False] * n)[:n], dtype=bool)
+
+
+def _layer_stats(
+    i: int, info: LayerInfo, data: WindowData, config: Config, units_slice: tuple[int, int] | None
+) -> LayerStats:
+    host = data.host
+    count = int(host.count[i])
+    total, sumsq, max_prob_sum, entropy_sum = data.act_sum[i]
+    vmax, neg_min = data.act_max[i]
+    vmin = -neg_min
+    nonzero, saturated = data.act_count[i]
+    raw = data.act_hist[i]
+    nan = int(raw[list(stats.NAN_BINS)].sum())
+    pinf, ninf = int(raw[stats.POS_INF_BIN]), int(raw[stats.NEG_INF_BIN])
+    mean = total / count
+    variance = max(sumsq / count - mean * mean, 0.0)
+    kind = info.kind
+    if kind in BOUNDED_KINDS and info.bounds is not None:
+        counts = data.lin_hist[i][:-1].copy()
+        counts[-1] -= pinf  # +-Inf were clamped into the edge bins on the device; take them out
+        counts[0] -= ninf
+        edges = histogram.linear_edges(info.bounds[0], info.bounds[1], config.histogram.linear_bins)
+        qs = histogram.quantiles(edges, counts, config.quantiles, vmin, vmax)
+    else:
+        hc = config.histogram
+        edges, counts = histogram.symlog_view(raw, hc.min_exp, hc.max_exp, hc.bins_per_octave)
+        qs = histogram.quantiles(
+            histogram.full_edges(), histogram.full_counts(raw), config.quantiles, vmin, vmax
+        )
+    dead_units = dead_fraction = dead_batch = dormant = None
+    units = info.units
+    if units_slice is not None and host.steps_with_data[i] > 0:
+        offset, units = units_slice
+        never_active = int(np.count_nonzero(data.unit_max[offset : offset + units] <= 0))
+        batch = float(data.batch_dead[i]) / (units * host.steps_with_data[i])
+        if kind in DORMANT_KINDS:
+            dormant = never_active / units
+        else:
+            dead_units, dead_fraction, dead_batch = never_active, never_active / units, batch
+    rows = int(host.softmax_rows[i])
+    grad_steps = int(host.grad_steps[i])
+    grad_sumsq, grad_nonfinite, grad_nan = data.grad_sum[i]
+    return LayerStats(
+        name=info.name,
+        kind=kind,
+        calls=int(host.calls[i]),
+        sampled_steps=int(host.steps_with_data[i]),
+        count=count,
+        mean=float(mean),
+        std=float(math.sqrt(variance)) if math.isfinite(variance) else math.nan,
+        min=float(vmin),
+        max=float(vmax),
+        zero_fraction=(count - int(nonzero)) / count,
+        nan_count=nan,
+        posinf_count=pinf,
+        neginf_count=ninf,
+        units=units,
+        dead_units=dead_units,
+        dead_fraction=dead_fraction,
+        dead_fraction_batch=dead_batch,
+        dormant_fraction=dormant,
+        saturation_fraction=float(saturated) / count if kind in SATURATING_KINDS else None,
+        softmax_max_prob=float(max_prob_sum) / rows if kind is Kind.SOFTMAX and rows else None,
+        softmax_entropy=float(entropy_sum) / rows if kind is Kind.SOFTMAX and rows else None,
+        quantiles=qs,
+        hist_edges=edges,
+        hist_counts=counts,
+        output_grad_norm=float(np.sqrt(grad_sumsq / grad_steps)) if grad_steps else None,
+        output_grad_abs_max=float(max(data.grad_max[i, 0], data.grad_max[i, 1]))
+        if grad_steps
+        else None,
+        output_grad_nan_count=int(grad_nan),
+        output_grad_inf_count=int(grad_nonfinite - grad_nan),
+    )
+
+
+def _param_stats(
+    layers: list[LayerInfo], params: list[tuple[str, int | None]], data: WindowData
+) -> dict[str, ParamStats]:
+    out: dict[str, ParamStats] = {}
+    host = data.host
+    for p, (name, layer) in enumerate(params):
+        steps, updates = int(host.param_steps[p]), int(host.update_steps[p])
+        if steps == 0:
+            continue
+        grad_sq, weight_sq, update_sq = data.param_sq[p]
+        weight = math.sqrt(weight_sq / steps)
+        out[name] = ParamStats(
+            name=name,
+            layer=layers[layer].name if layer is not None else None,
+            grad_norm=math.sqrt(grad_sq / steps),
+            weight_norm=weight,
+            update_ratio=_ratio(math.sqrt(update_sq / updates), weight) if updates else None,
+        )
+    return out
+
+
+def _add_param_norms(
+    layer_stats: dict[str, LayerStats],
+    layers: list[LayerInfo],
+    params: list[tuple[str, int | None]],
+    data: WindowData,
+) -> None:
+    """Per-layer parameter norms: squares of the layer's parameters add up, then RMS over steps."""
+    host = data.host
+    per_layer: dict[int, list[int]] = {}
+    for p, (_, layer) in enumerate(params):
+        if layer is not None and host.param_steps[p] > 0:
+            per_layer.setdefault(layer, []).append(p)
+    for layer, members in per_layer.items():
+        name = layers[layer].name
+        if name not in layer_stats:
+            continue
+        steps = max(int(host.param_steps[p]) for p in members)
+        grad_sq, weight_sq, update_sq = data.param_sq[members].sum(axis=0)
+        updates = max(int(host.update_steps[p]) for p in members)
+        weight = math.sqrt(weight_sq / steps)
+        layer_stats[name] = replace(
+            layer_stats[name],
+            grad_norm=math.sqrt(grad_sq / steps),
+            weight_norm=weight,
+            update_ratio=_ratio(math.sqrt(update_sq / updates), weight) if updates else None,
+        )
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else math.inf if numerator > 0 else 0.0
+
+
+def _first_nonfinite(
+    data: WindowData, layers: list[LayerInfo], loss_given: np.ndarray, grad_given: np.ndarray
+) -> NonFinite | None:
+    """The earliest non-finite event in the window: a sampled layer output, else the sentinel."""
+    first: NonFinite | None = None
+    for step, call_layers, counts in data.call_nonfinite:
+        hits = np.nonzero(counts > 0)[0]
+        if hits.size:
+            first = NonFinite(step, "activation", layers[call_layers[int(hits[0])]].name)
+            break
+    for position in range(data.sentinel.shape[0]):
+        step = data.first_step + position
+        if first is not None and step >= first.step:
+            break
+        loss, total = data.sentinel[position]
+        if loss_given[position] and not math.isfinite(loss):
+            return NonFinite(step, "loss")
+        if grad_given[position] and not math.isfinite(total):
+            return NonFinite(step, "grad_norm")
+    return first

@@ -1,0 +1,263 @@
+"""Stats kernels: one tensor in, fixed-size results out, written straight into device slots.
+
+Every kernel works in float32 whatever the input dtype, makes one pass per statistic, never
+calls ``.item()`` or anything else that waits for the device, and keeps no reference to the
+tensor it summarised. Results land in caller-owned slot rows through ``out=`` so a call costs
+no extra copy; the aggregator folds the slots into window buffers once per step.
+
+The histogram bins a value by its float32 bit pattern: ``bits >> 21`` keeps the sign, the 8
+exponent bits and the top 2 mantissa bits, i.e. 4 bins per power of two, on fixed edges that
+merge exactly across calls, steps, windows and ranks. The same index gives exact NaN and +-Inf
+counts (their exponent is all ones), so no separate ``isnan``/``isinf`` pass is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from actmon.errors import HookError
+from actmon.kinds import Kind, KindInfo
+
+SYMLOG_SHIFT = 21
+SYMLOG_BINS = 2048  # raw device bins: index = (int32 bits >> 21) + 1024
+HALF = SYMLOG_BINS // 2
+# Magnitude bin j = |bits| >> 21 lies at index HALF + j for x >= +0 and at index j for x <= -0.
+INF_J = 1020  # exponent 255, mantissa top bits 00: +-Inf
+NAN_J = (1021, 1022, 1023)  # exponent 255 with the quiet bit set: NaN (every NaN arithmetic makes)
+POS_INF_BIN = HALF + INF_J
+NEG_INF_BIN = INF_J
+NAN_BINS = tuple(HALF + j for j in NAN_J) + NAN_J
+NONFINITE_BINS = (POS_INF_BIN, NEG_INF_BIN, *NAN_BINS)
+
+ACT_SUM_FIELDS = ("sum", "sumsq", "softmax_max_prob_sum", "softmax_entropy_sum")
+ACT_MAX_FIELDS = ("max", "neg_min")  # the min column is negated in bulk so one amax folds both
+ACT_COUNT_FIELDS = ("nonzero", "saturated")
+GRAD_SUM_FIELDS = ("sumsq", "nonfinite", "nan")
+GRAD_MAX_FIELDS = ("max", "neg_min")
+
+_INT32_LIMIT = 2**31 - 1
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class Scratch:
+    """Reusable temporaries for the kernels' element-wise steps.
+
+    A fresh multi-megabyte tensor per call costs page faults on a CPU (its allocator does not
+    cache), which made temporaries cost more than the arithmetic. Buffers grow to the largest
+    tensor seen, up to ``limit`` elements; beyond that a call allocates as usual.
+    """
+
+    def __init__(self, limit: int = 1 << 25) -> None:
+        self.limit = limit
+        self._buffers: dict[tuple[torch.dtype, torch.device, int], Tensor] = {}
+
+    def get(self, n: int, dtype: torch.dtype, device: torch.device, slot: int = 0) -> Tensor:
+        if n > self.limit:
+            return torch.empty(n, dtype=dtype, device=device)
+        key = (dtype, device, slot)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 1024), dtype=dtype, device=device)
+            self._buffers[key] = buf
+        return buf[:n]
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """What to compute for one layer's output of one rank (ndim) and unit axis."""
+
+    info: KindInfo
+    unit_axis: int | None  # non-negative axis, or None when units are not tracked
+    reduce_dims: tuple[int, ...]  # every axis but the unit axis
+    saturation_eps: float
+    linear_bins: int  # equal-width bins for bounded kinds (0: none)
+    softmax_dim: int | None  # resolved, non-negative
+
+
+def as_float32(t: Tensor, what: str) -> Tensor | None:
+    """The detached float32 tensor to summarise, or None for an empty tensor.
+
+    Raises HookError for anything that cannot be summarised (sparse, complex, integer, bool).
+    """
+    if t.layout is not torch.strided:
+        raise HookError(
+            f"{what} has layout {t.layout}; only dense (strided) tensors are summarised"
+        )
+    if t.dtype not in SUPPORTED_DTYPES:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+        raise HookError(f"{what} has dtype {t.dtype}; supported dtypes are {allowed}")
+    if t.numel() == 0:
+        return None
+    if t.numel() > _INT32_LIMIT:
+        raise HookError(f"{what} has {t.numel()} elements; at most {_INT32_LIMIT} are supported")
+    # Callers run kernels under torch.no_grad(), so no detach() (one dispatcher call) is needed.
+    return t if t.dtype is torch.float32 else t.float()
+
+
+def flat_view(t: Tensor) -> Tensor:
+    """A 1-D view of a dense tensor in memory order (no copy for channels-last or transposes)."""
+    if t.is_contiguous():
+        return t.view(-1)
+    order = sorted(range(t.dim()), key=lambda d: t.stride(d), reverse=True)
+    permuted = t.permute(order)
+    if permuted.is_contiguous():
+        return permuted.view(-1)
+    return t.reshape(-1)
+
+
+def bincount(index: Tensor, bins: int) -> Tensor:
+    """Counts of each value of a 1-D integer index in ``[0, bins)`` as int64, without a host sync.
+
+    ``torch.bincount`` on CUDA reads the index maximum back to the host, so other devices
+    scatter-add instead; both give the same counts.
+    """
+    if index.device.type == "cpu":
+        return torch.bincount(index, minlength=bins)
+    return scatter_bincount(index, bins)
+
+
+def scatter_bincount(index: Tensor, bins: int) -> Tensor:
+    """Device-generic counting by scatter-add (what non-CPU devices use)."""
+    out = torch.zeros(bins, dtype=torch.int64, device=index.device)
+    ones = torch.ones((), dtype=torch.int64, device=index.device).expand(index.numel())
+    return out.scatter_add_(0, index.long(), ones)
+
+
+def symlog_index(flat: Tensor, out: Tensor | None = None) -> Tensor:
+    """Raw histogram index in ``[0, 2048)`` of every element of a 1-D float32 tensor."""
+    bits = flat.view(torch.int32)
+    if out is None:
+        return (bits >> SYMLOG_SHIFT).add_(HALF)
+    return torch.bitwise_right_shift(bits, SYMLOG_SHIFT, out=out).add_(HALF)
+
+
+def summarize_activation(
+    x: Tensor,
+    spec: ActivationSpec,
+    sums: Sequence[Tensor],
+    maxes: Sequence[Tensor],
+    counts: Sequence[Tensor],
+    scratch: Scratch,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Summarise a float32 activation into slot rows and return the variable-size parts.
+
+    The slots are 0-d tensors written with ``out=``: ``sums`` = [sum, sum of squares, softmax
+    max-prob sum, softmax entropy sum] (float32), ``maxes`` = [max, min] (the aggregator
+    negates min), ``counts`` = [nonzero, saturated] (int32). Run it under ``torch.no_grad()``.
+    Returns (raw histogram (2048,) int64, per-unit max (units,) or None, linear histogram or None).
+    """
+    flat = flat_view(x)
+    torch.sum(flat, dim=0, out=sums[0])
+    torch.dot(flat, flat, out=sums[1])
+    unit_max = None
+    if spec.unit_axis is not None:
+        # A 1-D output: every element is a unit.
+        unit_max = torch.amax(x, dim=spec.reduce_dims) if spec.reduce_dims else x.clone()
+        torch.amax(unit_max, dim=0, out=maxes[0])
+        torch.amin(flat, dim=0, out=maxes[1])
+    else:
+        torch.aminmax(flat, out=(maxes[1], maxes[0]))  # the dim=0 overload is ~40x slower
+    bits = flat.view(torch.int32)
+    temp = scratch.get(flat.numel(), torch.int32, flat.device)
+    torch.bitwise_right_shift(bits, SYMLOG_SHIFT, out=temp).add_(HALF)
+    hist = bincount(temp, SYMLOG_BINS)
+    # Exact zero count: |bits| is 0 only for +-0 (subnormals stay non-zero, unlike the bin test).
+    magnitude = torch.bitwise_and(bits, 0x7FFFFFFF, out=temp)
+    torch.sum(magnitude.clamp_(max=1), dim=0, dtype=torch.int32, out=counts[0])
+    kind = spec.info.kind
+    if kind in (Kind.SIGMOID, Kind.TANH, Kind.CLIPPING):
+        _saturated(flat, spec, counts[1])
+    if kind is Kind.SOFTMAX and spec.softmax_dim is not None:
+        _softmax_stats(x, spec, sums)
+    linear = _linear_hist(flat, spec, scratch) if spec.linear_bins else None
+    return hist, unit_max, linear
+
+
+def _saturated(flat: Tensor, spec: ActivationSpec, out: Tensor) -> None:
+    """Count of outputs in a saturated region (written into ``out``, int32)."""
+    eps = spec.saturation_eps
+    kind = spec.info.kind
+    if kind is Kind.TANH:
+        torch.sum(flat.abs() > 1.0 - eps, dim=0, dtype=torch.int32, out=out)
+        return
+    if kind is Kind.SIGMOID:
+        low, high = flat < eps, flat > 1.0 - eps
+    else:  # clipping: exactly at (or beyond) a clip bound
+        assert spec.info.bounds is not None
+        low, high = flat <= spec.info.bounds[0], flat >= spec.info.bounds[1]
+    torch.sum(low.logical_or_(high), dim=0, dtype=torch.int32, out=out)
+
+
+def _softmax_stats(x: Tensor, spec: ActivationSpec, sums: Sequence[Tensor]) -> None:
+    """Sums over rows of the max probability and of the entropy (nats)."""
+    dim = spec.softmax_dim
+    assert dim is not None
+    probs = x.exp() if spec.info.log_softmax else x
+    torch.sum(torch.amax(probs, dim=dim), dim=tuple(range(x.dim() - 1)), out=sums[2])
+    torch.sum(torch.special.entr(probs), dim=tuple(range(x.dim())), out=sums[3])
+
+
+def _linear_hist(flat: Tensor, spec: ActivationSpec, scratch: Scratch) -> Tensor:
+    """Equal-width bins over a bounded kind's range; NaN in the extra last bin.
+
+    +-Inf land in the edge bins; the host removes them again using the exact symlog counts.
+    """
+    assert spec.info.bounds is not None
+    low, high = spec.info.bounds
+    nb = spec.linear_bins
+    scaled = torch.sub(flat, low, out=scratch.get(flat.numel(), torch.float32, flat.device))
+    scaled.mul_(nb / (high - low)).floor_().clamp_(0, nb - 1).nan_to_num_(nan=nb)
+    index = scratch.get(flat.numel(), torch.int32, flat.device).copy_(scaled)
+    return bincount(index, nb + 1)
+
+
+@lru_cache(maxsize=8)
+def _count_bins(device: torch.device) -> tuple[Tensor, Tensor]:
+    """Index tensors of the non-finite and the NaN raw bins, made once per device."""
+    return (
+        torch.tensor(NONFINITE_BINS, dtype=torch.int64, device=device),
+        torch.tensor(NAN_BINS, dtype=torch.int64, device=device),
+    )
+
+
+_SMALL = 1 << 18  # below this many elements, fewer dispatcher calls beat fewer passes
+
+
+def summarize_gradient(
+    g: Tensor, sums: Sequence[Tensor], maxes: Sequence[Tensor], with_hist: bool, scratch: Scratch
+) -> Tensor | None:
+    """Summarise a float32 output gradient into ``sums`` = [sum of squares, non-finite, NaN]
+    and ``maxes`` = [max, min]; return its raw histogram when ``with_hist``.
+
+    Without a histogram the non-finite counts of a large gradient come from float arithmetic,
+    several times cheaper per element than binning or ``isfinite``: ``g * 0`` is 0 where g is
+    finite and NaN where it is not; clamping first makes +-Inf finite so only NaN stays NaN.
+    Small gradients use ``isfinite``/``isnan``, which take fewer calls.
+    """
+    flat = flat_view(g)
+    n = flat.numel()
+    torch.dot(flat, flat, out=sums[0])
+    torch.aminmax(flat, out=(maxes[1], maxes[0]))
+    if with_hist:
+        hist = bincount(
+            symlog_index(flat, out=scratch.get(n, torch.int32, flat.device)), SYMLOG_BINS
+        )
+        nonfinite, nan = _count_bins(hist.device)
+        torch.sum(hist.index_select(0, nonfinite), dim=0, dtype=torch.float32, out=sums[1])
+        torch.sum(hist.index_select(0, nan), dim=0, dtype=torch.float32, out=sums[2])
+        return hist
+    if n < _SMALL:
+        torch.sum(torch.isfinite(flat).logical_not_(), dim=0, dtype=torch.float32, out=sums[1])
+        torch.sum(torch.isnan(flat), dim=0, dtype=torch.float32, out=sums[2])
+        return None
+    temp = scratch.get(n, torch.float32, flat.device)
+    torch.sum(torch.mul(flat, 0.0, out=temp).nan_to_num_(nan=1.0), dim=0, out=sums[1])
+    torch.clamp(flat, -1.0, 1.0, out=temp)
+    torch.sum(temp.mul_(0.0).nan_to_num_(nan=1.0), dim=0, out=sums[2])
+    return None
