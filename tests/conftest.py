@@ -36,7 +36,7 @@ class Capture:
         for name in names:
             self.handles.append(modules[name].register_forward_hook(self._hook(name, grads)))
 
-    def _hook(self, name: str, grads: bool):  # noqa: ANN202
+    def _hook(self, name: str, grads: bool):
         def hook(module: nn.Module, args: object, output: Tensor) -> None:
             self.outputs[name].append(output.detach().clone())
             if grads and output.requires_grad:

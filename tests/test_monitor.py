@@ -179,9 +179,15 @@ def test_a_module_called_twice_aggregates_both_calls():
 def _hook_state(model: nn.Module, opt: torch.optim.Optimizer | None):
     state = []
     for module in model.modules():
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                     "_backward_pre_hooks", "_forward_hooks_with_kwargs",
-                     "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+        for attr in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+            "_forward_hooks_with_kwargs",
+            "_forward_hooks_always_called",
+            "_forward_pre_hooks_with_kwargs",
+        ):
             state.append(dict(getattr(module, attr)))
     for p in model.parameters():
         hooks = p._post_accumulate_grad_hooks
@@ -208,18 +214,31 @@ def test_close_leaves_every_hook_dict_as_it_was(with_optimizer):
 
 def test_layers_list_names_kinds_axes_and_units():
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Flatten(),
-        nn.Linear(8 * 6 * 6, 10), nn.GELU(), nn.Linear(10, 2), nn.Softmax(dim=-1),
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 10),
+        nn.GELU(),
+        nn.Linear(10, 2),
+        nn.Softmax(dim=-1),
     )
     monitor = actmon.watch(model, exclude=["3"])
     model(torch.randn(2, 3, 8, 8))
     monitor.close()
     layers = {info.name: info for info in monitor.layers}
     assert "3" not in layers
-    assert [(layers[n].kind.value, layers[n].unit_axis, layers[n].units) for n in
-            ("0", "1", "2", "4", "5", "6", "7")] == [
-        ("linear", 1, 8), ("norm", 1, 8), ("relu", 1, 8), ("linear", -1, 10),
-        ("smooth_gated", -1, 10), ("linear", -1, 2), ("softmax", -1, 2),
+    assert [
+        (layers[n].kind.value, layers[n].unit_axis, layers[n].units)
+        for n in ("0", "1", "2", "4", "5", "6", "7")
+    ] == [
+        ("linear", 1, 8),
+        ("norm", 1, 8),
+        ("relu", 1, 8),
+        ("linear", -1, 10),
+        ("smooth_gated", -1, 10),
+        ("linear", -1, 2),
+        ("softmax", -1, 2),
     ]
 
 
@@ -244,8 +263,9 @@ def test_gradient_norms_equal_plain_torch():
         weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
 
     def after_step(optimizer, args, kwargs):
-        updates.append({n: (p.detach() - weights[-1][n]).norm().item()
-                        for n, p in model.named_parameters()})
+        updates.append(
+            {n: (p.detach() - weights[-1][n]).norm().item() for n, p in model.named_parameters()}
+        )
 
     opt.register_step_pre_hook(before_step)
     opt.register_step_post_hook(after_step)
@@ -259,15 +279,21 @@ def test_gradient_norms_equal_plain_torch():
     layer_sq = [g["0.weight"] ** 2 + g["0.bias"] ** 2 for g in grads]
     assert snap.layers["0"].grad_norm == pytest.approx(math.sqrt(np.mean(layer_sq)), rel=1e-5)
     assert snap.params["2.weight"].grad_norm == pytest.approx(
-        math.sqrt(np.mean([g["2.weight"] ** 2 for g in grads])), rel=1e-5)
+        math.sqrt(np.mean([g["2.weight"] ** 2 for g in grads])), rel=1e-5
+    )
     # Update ratio: measured on the window's first step only.
     w0 = weights[0]
     expected = math.hypot(updates[0]["0.weight"], updates[0]["0.bias"]) / math.sqrt(
-        np.mean([sum(float(w[n].double().pow(2).sum()) for n in ("0.weight", "0.bias"))
-                 for w in weights]))
+        np.mean(
+            [
+                sum(float(w[n].double().pow(2).sum()) for n in ("0.weight", "0.bias"))
+                for w in weights
+            ]
+        )
+    )
     assert snap.layers["0"].update_ratio == pytest.approx(expected, rel=1e-5)
     assert w0  # weights were captured
-    totals = [math.sqrt(sum(v ** 2 for v in g.values())) for g in grads]
+    totals = [math.sqrt(sum(v**2 for v in g.values())) for g in grads]
     assert snap.grad_norms_total == pytest.approx(totals, rel=1e-5)
 
 

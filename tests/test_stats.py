@@ -13,16 +13,24 @@ from actmon.kinds import Kind, KindInfo
 from tests.conftest import reference_raw_hist, reference_stats
 
 
-def _run_activation(x: torch.Tensor, info: KindInfo, unit_axis: int | None, linear_bins: int = 0,
-                    softmax_dim: int | None = None):
+def _run_activation(
+    x: torch.Tensor,
+    info: KindInfo,
+    unit_axis: int | None,
+    linear_bins: int = 0,
+    softmax_dim: int | None = None,
+):
     xf = stats.as_float32(x, "x")
     assert xf is not None
     ndim = xf.dim()
     axis = unit_axis % ndim if unit_axis is not None else None
     spec = stats.ActivationSpec(
-        info=info, unit_axis=axis,
+        info=info,
+        unit_axis=axis,
         reduce_dims=tuple(d for d in range(ndim) if d != axis) if axis is not None else (),
-        saturation_eps=0.01, linear_bins=linear_bins, softmax_dim=softmax_dim,
+        saturation_eps=0.01,
+        linear_bins=linear_bins,
+        softmax_dim=softmax_dim,
     )
     sums = torch.zeros(4)
     maxes = torch.zeros(2)
@@ -55,7 +63,7 @@ SHAPES = [((64, 32), -1), ((8, 16, 24), -1), ((4, 6, 5, 7), 1)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_activation_counts_and_moments_match_reference(shape, axis, dtype):
     x = _special(shape, dtype)
-    sums, maxes, counts, hist, unit_max, _ = _run_activation(x, KindInfo(Kind.RELU), axis)
+    _, _, counts, hist, _, _ = _run_activation(x, KindInfo(Kind.RELU), axis)
     ref = reference_stats([x], unit_axis=axis)
     raw = hist.numpy()
     assert int(raw[list(stats.NAN_BINS)].sum()) == ref["nan"] == 2
@@ -72,8 +80,9 @@ def test_activation_counts_and_moments_match_reference(shape, axis, dtype):
     s2, m2, _, _, um2, _ = _run_activation(finite, KindInfo(Kind.RELU), axis)
     ref2 = reference_stats([finite], unit_axis=axis)
     assert float(s2[0]) == pytest.approx(ref2["sum"], rel=1e-5, abs=1e-3)
-    assert float(s2[1]) == pytest.approx(ref2["std"] ** 2 * ref2["count"] + ref2["sum"] ** 2
-                                         / ref2["count"], rel=1e-5)
+    assert float(s2[1]) == pytest.approx(
+        ref2["std"] ** 2 * ref2["count"] + ref2["sum"] ** 2 / ref2["count"], rel=1e-5
+    )
     assert float(m2[0]) == ref2["max"]
     assert float(m2[1]) == ref2["min"]
     assert um2 is not None
@@ -92,9 +101,14 @@ def test_unit_max_matches_amax_on_unit_axis():
 def test_saturation_counts(kind):
     bounds = {Kind.SIGMOID: (0.0, 1.0), Kind.TANH: (-1.0, 1.0), Kind.CLIPPING: (0.0, 6.0)}[kind]
     pre = torch.randn(200, 30) * 4
-    y = {Kind.SIGMOID: torch.sigmoid, Kind.TANH: torch.tanh,
-         Kind.CLIPPING: lambda t: torch.clamp(t, 0, 6)}[kind](pre)
-    _, _, counts, _, _, lin = _run_activation(y, KindInfo(kind, bounds=bounds), None, linear_bins=16)
+    y = {
+        Kind.SIGMOID: torch.sigmoid,
+        Kind.TANH: torch.tanh,
+        Kind.CLIPPING: lambda t: torch.clamp(t, 0, 6),
+    }[kind](pre)
+    _, _, counts, _, _, lin = _run_activation(
+        y, KindInfo(kind, bounds=bounds), None, linear_bins=16
+    )
     if kind is Kind.SIGMOID:
         expected = int(((y < 0.01) | (y > 0.99)).sum())
     elif kind is Kind.TANH:
@@ -114,8 +128,9 @@ def test_softmax_max_prob_and_entropy(log):
     logits = torch.randn(6, 5, 11) * 3
     probs = torch.softmax(logits, dim=-1)
     x = torch.log_softmax(logits, dim=-1) if log else probs
-    info = KindInfo(Kind.SOFTMAX, bounds=None if log else (0.0, 1.0), softmax_dim=-1,
-                    log_softmax=log)
+    info = KindInfo(
+        Kind.SOFTMAX, bounds=None if log else (0.0, 1.0), softmax_dim=-1, log_softmax=log
+    )
     sums, *_ = _run_activation(x, info, None, linear_bins=0, softmax_dim=2)
     rows = 6 * 5
     expected_max = probs.amax(-1).sum().item()
@@ -166,9 +181,9 @@ def test_unsupported_tensors_raise_hook_error():
 
     with pytest.raises(HookError, match=r"dtype torch.int64; supported dtypes are float32"):
         stats.as_float32(torch.arange(3), "layer 'x' output")
-    with pytest.raises(HookError, match="layout torch.sparse_coo"):
+    with pytest.raises(HookError, match=r"layout torch\.sparse_coo"):
         stats.as_float32(torch.eye(3).to_sparse(), "layer 'x' output")
-    with pytest.raises(HookError, match="dtype torch.complex64"):
+    with pytest.raises(HookError, match=r"dtype torch\.complex64"):
         stats.as_float32(torch.zeros(2, dtype=torch.complex64), "layer 'x' output")
     assert stats.as_float32(torch.zeros(0, 3), "x") is None
 
@@ -191,8 +206,11 @@ def test_symlog_view_bins_hold_their_values():
     expected = np.zeros(len(edges) - 1)
     for v in clipped:
         # Positive bins are [lo, hi); negative ones (lo, hi]: search on |v| mirrors that.
-        b = np.searchsorted(edges, v, side="right") - 1 if v >= 0 else (
-            np.searchsorted(edges, v, side="left") - 1)
+        b = (
+            np.searchsorted(edges, v, side="right") - 1
+            if v >= 0
+            else (np.searchsorted(edges, v, side="left") - 1)
+        )
         expected[b] += 1
     np.testing.assert_array_equal(counts, expected)
 
@@ -200,8 +218,13 @@ def test_symlog_view_bins_hold_their_values():
 def test_quantiles_within_one_bin():
     x = torch.randn(20_000) * 5
     raw = reference_raw_hist([x])
-    qs = histogram.quantiles(histogram.full_edges(), histogram.full_counts(raw),
-                             [0.05, 0.5, 0.95], float(x.min()), float(x.max()))
+    qs = histogram.quantiles(
+        histogram.full_edges(),
+        histogram.full_counts(raw),
+        [0.05, 0.5, 0.95],
+        float(x.min()),
+        float(x.max()),
+    )
     for q, value in qs.items():
         true = float(torch.quantile(x.double(), q))
         assert math.isclose(value, true, rel_tol=0.25, abs_tol=1e-6), (q, value, true)
