@@ -21,6 +21,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check actmon tests benchmarks
+	$(BIN)/mypy actmon
 
 test: lint
 	$(BIN)/python -m pytest -q

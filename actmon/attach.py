@@ -166,7 +166,7 @@ class Attacher:
         self.param_layers: list[int | None] = [owner.get(n) for n, _ in named]
         self._param_position = {id(p): i for i, (_, p) in enumerate(named)}
         self._params = [p for _, p in named]
-        self._step_grad_sq: list[Tensor] = []
+        self._step_grad_norms: list[Tensor] = []  # per optimizer: stacked per-parameter norms
         self._pending_update: tuple[list[Tensor], list[Tensor], Tensor, list[int]] | None = None
         self._pending_no_opt: tuple[list[int], Tensor] | None = None
         self._callback_queued = False
@@ -375,7 +375,7 @@ class Attacher:
         per-parameter gradient and weight norms, and start measuring the update."""
         params = [self._params[i] for i in positions]
         self.aggregator.ensure_device(norms.device)
-        self._step_grad_sq.append(norms.double().square().sum())
+        self._step_grad_norms.append(norms)
         if not (self.sampling and self.config.gradients.parameters):
             return
         index = self._param_index(positions)
@@ -384,7 +384,7 @@ class Attacher:
         self.aggregator.record_params(index, norms, weights, None, positions)
         if measure_update and self.measure_update and self.config.gradients.update_ratio:
             try:
-                before = torch._foreach_mul(detached, 1.0)  # a transient copy, this step only
+                before = list(torch._foreach_mul(detached, 1.0))  # transient copy, this step only
             except torch.OutOfMemoryError:
                 self.config.gradients.update_ratio = False
                 log.warning("actmon: not enough memory to measure update ratios; turned off")
@@ -397,11 +397,12 @@ class Attacher:
             positions, norms = self._pending_no_opt
             self._pending_no_opt = None
             self._take_param_norms(positions, norms, measure_update=False)
-        if not self._step_grad_sq:
+        if not self._step_grad_norms:
             return None
-        total = torch.stack(self._step_grad_sq).sum().sqrt()
-        self._step_grad_sq.clear()
-        return total
+        per_optimizer = self._step_grad_norms
+        stacked = per_optimizer[0] if len(per_optimizer) == 1 else torch.cat(per_optimizer)
+        per_optimizer.clear()
+        return torch.linalg.vector_norm(stacked)
 
     # ---- errors and removal --------------------------------------------------------------
     def _fail(self, layer: Layer | None, exc: BaseException) -> None:
@@ -416,5 +417,5 @@ class Attacher:
         self._handles.clear()
         for p in self._restore_none:  # the model's hook slots exactly as they were
             if not p._post_accumulate_grad_hooks:
-                p._post_accumulate_grad_hooks = None
+                p._post_accumulate_grad_hooks = None  # type: ignore[assignment]
         self._restore_none.clear()

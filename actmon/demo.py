@@ -33,8 +33,10 @@ def digits_model(seed: int = 0) -> nn.Sequential:
         nn.ReLU(),
         nn.Linear(64, 10),
     )
+    second = model[2]
+    assert isinstance(second, nn.Linear)
     with torch.no_grad():  # half of the second hidden layer starts (and stays) dead
-        model[2].bias[:32] = -50.0
+        second.bias[:32] = -50.0
     return model
 
 
