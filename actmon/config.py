@@ -69,9 +69,10 @@ class Config(_Strict):
 
     run_name: str | None = None  # default: "actmon-<UTC timestamp>"
     log_every: int = Field(10, ge=1)  # steps per window; one device-to-host copy per window
-    # Full statistics on every n-th step of a window, counted from the window's first step, so
-    # every window holds at least one sampled step. 1 = every step ("full coverage").
-    sample_every: int = Field(10, ge=1)
+    # Full statistics on every n-th step, counted from the first (steps 1, 1+n, 1+2n, ...);
+    # 1 = every step ("full coverage"). With n > log_every some windows hold only run-level
+    # values (loss, gradient norm: recorded on every step).
+    sample_every: int = Field(20, ge=1)
     include: list[str] = Field(default_factory=lambda: ["*"])  # fnmatch globs on module names
     exclude: list[str] = Field(default_factory=list)
     kinds: dict[str, Kind] = Field(default_factory=dict)  # glob -> kind override

@@ -82,7 +82,8 @@ class Monitor:
         )
         self._model_ref = weakref.ref(model)
         _WATCHED.add(model)
-        self._attacher.sampling = self._is_sampled(0)
+        self._window_sampled = False  # whether the current window has had a sampled step
+        self._attacher.sampling = self._is_sampled()
 
     # ---- public API ----------------------------------------------------------------------
     @property
@@ -118,8 +119,11 @@ class Monitor:
         snapshot = None
         if self._in_window >= self.config.log_every:
             snapshot = self._flush()
-        self._attacher.sampling = self._is_sampled(self._in_window)
-        self._attacher.measure_update = self._in_window == 0
+        if self._in_window == 0:
+            self._window_sampled = False
+        # The update ratio is measured once per window: on its first sampled step.
+        self._attacher.measure_update = not self._window_sampled
+        self._attacher.sampling = self._is_sampled()
         self._flush_seconds += time.perf_counter() - start
         return snapshot
 
@@ -161,9 +165,13 @@ class Monitor:
         self.close()
 
     # ---- internals -----------------------------------------------------------------------
-    def _is_sampled(self, position_in_window: int) -> bool:
+    def _is_sampled(self) -> bool:
+        """Whether the coming step takes full statistics: every ``sample_every``-th step from the
+        first (every step while escalated after an unexplained non-finite window)."""
         every = 1 if self._escalated else self.config.sample_every
-        return position_in_window % every == 0
+        sampled = self._step % every == 0
+        self._window_sampled |= sampled
+        return sampled
 
     def _record_step(self, loss: Tensor | float | None) -> None:
         agg = self._aggregator

@@ -90,15 +90,27 @@ def test_two_windows_merge_to_the_concatenated_histogram():
     np.testing.assert_array_equal(merged, expected)
 
 
-def test_sampling_takes_stats_on_every_nth_step_of_a_window():
+def test_sampling_takes_stats_on_every_nth_step():
     model = mlp_with_dead_units()
     monitor = actmon.watch(model, log_every=10, sample_every=4)
     snaps = train(model, monitor, 20)
     monitor.close()
     assert snaps[0].sampled_steps == (1, 5, 9)
-    assert snaps[1].sampled_steps == (11, 15, 19)
-    assert snaps[1].layers["1"].calls == 3
+    assert snaps[1].sampled_steps == (13, 17)
+    assert snaps[1].layers["1"].calls == 2
     assert len(snaps[0].losses) == 10  # the loss is recorded on every step regardless
+
+
+def test_sampling_less_often_than_windows_keeps_run_level_values():
+    model = mlp_with_dead_units()
+    monitor = actmon.watch(model, optimizer=None, log_every=5, sample_every=10)
+    snaps = train(model, monitor, 20)
+    monitor.close()
+    assert [s.sampled_steps for s in snaps] == [(1,), (), (11,), ()]
+    assert snaps[1].layers == {}
+    assert snaps[1].loss is not None
+    assert snaps[1].grad_norm_total is not None
+    assert snaps[2].layers["1"].calls == 1
 
 
 class NaNAt(nn.Module):
@@ -144,7 +156,7 @@ def test_sentinel_catches_a_nonfinite_loss_on_an_unsampled_step_then_escalates()
     monitor.close()
     assert snaps[0].first_nonfinite == actmon.NonFinite(step=3, source="loss", layer=None)
     assert math.isnan(snaps[0].losses[2])
-    assert snaps[0].sampled_steps == (1, 6)
+    assert snaps[0].sampled_steps == (1, 6)  # 1, 6, 11, ... until the escalation
     assert snaps[1].sampled_steps == tuple(range(11, 21))  # escalated to every step
 
 
