@@ -64,6 +64,56 @@ class GradientsConfig(_Strict):
     histogram: bool = False
 
 
+class ConsoleSinkConfig(_Strict):
+    """The live console view (rich)."""
+
+    # "auto": on when stdout is a terminal, off in non-interactive runs (CI logs stay clean).
+    enabled: bool | Literal["auto"] = "auto"
+
+
+class TensorBoardSinkConfig(_Strict):
+    """TensorBoard event files: scalars ``actmon/<metric>/<layer>``, pre-binned histograms."""
+
+    enabled: bool = False
+    log_dir: str = "runs/{run}/tensorboard"  # {run} is replaced by the run name
+    histograms: bool = True
+
+
+class PrometheusSinkConfig(_Strict):
+    """Prometheus: an HTTP endpoint to scrape, or pushes to a Pushgateway."""
+
+    enabled: bool = False
+    mode: Literal["endpoint", "pushgateway"] = "endpoint"
+    host: str = "127.0.0.1"  # loopback by default: exposing metrics is the user's choice
+    port: int = Field(9464, ge=0, le=65535)  # 0 picks a free port (see monitor.prometheus_url)
+    # When the port is taken: pick a free one and log it, turn the sink off, or fail watch().
+    port_in_use: Literal["fallback", "disable", "error"] = "fallback"
+    pushgateway_url: str = "http://127.0.0.1:9091"
+    job: str = "actmon"
+    max_layer_series: int = Field(500, ge=1)  # beyond it: worst layers first, the rest "_other"
+
+
+class StoreSinkConfig(_Strict):
+    """The SQLite run store that ``actmon gate`` and ``actmon report`` read."""
+
+    enabled: bool = True
+    path: str = "runs/{run}/actmon.db"
+
+
+class SinksConfig(_Strict):
+    """Where Snapshots go. Every sink runs off the training thread behind a bounded queue."""
+
+    console: ConsoleSinkConfig = Field(default_factory=ConsoleSinkConfig)
+    tensorboard: TensorBoardSinkConfig = Field(default_factory=TensorBoardSinkConfig)
+    prometheus: PrometheusSinkConfig = Field(default_factory=PrometheusSinkConfig)
+    store: StoreSinkConfig = Field(default_factory=StoreSinkConfig)
+    queue_size: int = Field(
+        64, ge=1
+    )  # windows waiting per sink; beyond it the oldest wait, new drop
+    retries: int = Field(3, ge=0)  # attempts after a failure, with exponential back-off
+    backoff_seconds: float = Field(0.5, gt=0)  # first back-off; doubles up to 30 s
+
+
 class Config(_Strict):
     """Everything a monitor can be told. Defaults are chosen to stay on during real training."""
 
@@ -83,6 +133,7 @@ class Config(_Strict):
     )
     histogram: HistogramConfig = Field(default_factory=HistogramConfig)
     gradients: GradientsConfig = Field(default_factory=GradientsConfig)
+    sinks: SinksConfig = Field(default_factory=SinksConfig)
     skip_no_grad: bool = True  # forwards under torch.no_grad() (evaluation) are not recorded
     escalate_on_nonfinite: bool = True  # sample every step after a window saw a non-finite loss
     history: int = Field(100, ge=1)  # snapshots kept in ``monitor.history``

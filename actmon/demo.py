@@ -58,7 +58,9 @@ def run_demo(
     gen = torch.Generator().manual_seed(0)
     sink = ConsoleSink(every=max(1, steps // log_every), console=console)
     overrides = {"log_every": log_every, "run_name": "digits-demo"}
-    with actmon.watch(model, optimizer=opt, config=config, sinks=[sink], **overrides) as monitor:
+    with actmon.watch(
+        model, optimizer=opt, config=config, extra_sinks=[sink], **overrides
+    ) as monitor:
         loss = torch.tensor(0.0)
         for _ in range(steps):
             idx = torch.randint(0, len(x), (batch_size,), generator=gen)

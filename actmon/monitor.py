@@ -8,6 +8,7 @@ each Snapshot goes. Nothing it does on a training step reads a value back from t
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
 from collections import deque
@@ -23,6 +24,8 @@ from actmon.attach import Attacher, Layer, select_layers
 from actmon.config import Config, load_config
 from actmon.errors import HookError, MonitorStateError
 from actmon.sinks import Sink
+from actmon.sinks.build import build_sinks
+from actmon.sinks.runner import SinkRunner
 from actmon.snapshot import LayerInfo, NonFinite, Snapshot, build_snapshot
 
 log = logging.getLogger("actmon")
@@ -39,7 +42,7 @@ class Monitor:
         optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         config: Any = None,
         *,
-        sinks: Iterable[Sink] = (),
+        extra_sinks: Iterable[Sink] = (),
         **overrides: Any,
     ) -> None:
         if model in _WATCHED:
@@ -59,10 +62,11 @@ class Monitor:
             else list(optimizer)
         )
         self._layers: list[Layer] = select_layers(model, self.config)
-        self.errors: dict[str, int] = {}
+        self.errors: dict[str, int] = {}  # contained failures by where (layer, "sink:<name>")
+        self._errors_lock = threading.Lock()  # sinks report from their own threads
         self.internal_errors_total = 0
         self._logged: set[str] = set()
-        self._sink_list: list[Sink] = list(sinks)
+        self._user_sinks = list(extra_sinks)
         self.history: deque[Snapshot] = deque(maxlen=self.config.history)
         self.first_nonfinite: NonFinite | None = None
         self._step = 0  # completed steps
@@ -70,17 +74,21 @@ class Monitor:
         self._flush_seconds = 0.0
         self._escalated = False
         self._closed = False
+        n_params = sum(1 for p in model.parameters() if p.requires_grad)
         self._aggregator = Aggregator(
-            len(self._layers), 0, self.config.histogram.linear_bins, self.config.log_every
+            len(self._layers), n_params, self.config.histogram.linear_bins, self.config.log_every
         )
+        self._model_ref = weakref.ref(model)
+        # Sinks first: a sink that cannot start (a port in use with port_in_use="error") fails
+        # watch() before any hook touches the model.
+        self._runners: list[SinkRunner] = []
+        named = build_sinks(self.config, self.run, lambda: self.layers, self._record_sink_error)
+        named += [(type(sink).__name__, sink) for sink in self._user_sinks]
+        for name, sink in named:
+            self._start_sink(name, sink)
         self._attacher = Attacher(
             model, self._layers, self._aggregator, self.config, optimizers, self._record_error
         )
-        self._aggregator.n_params = len(self._attacher.param_names)
-        self._aggregator.host = type(self._aggregator.host).zeros(
-            len(self._layers), self._aggregator.n_params
-        )
-        self._model_ref = weakref.ref(model)
         _WATCHED.add(model)
         self._window_sampled = False  # whether the current window has had a sampled step
         self._attacher.sampling = self._is_sampled()
@@ -137,11 +145,35 @@ class Monitor:
             return None
         return self._flush()
 
-    def add_sink(self, sink: Sink) -> None:
-        self._sink_list.append(sink)
+    def add_sink(self, sink: Sink, name: str | None = None) -> None:
+        """Send every later Snapshot to ``sink`` too (run on its own thread, like the others)."""
+        self._start_sink(name or type(sink).__name__, sink)
 
-    def close(self) -> None:
-        """Flush the partial window, remove every hook, close the sinks. Safe to call twice."""
+    @property
+    def sinks(self) -> dict[str, Sink]:
+        return {runner.name: runner.sink for runner in self._runners}
+
+    @property
+    def prometheus_url(self) -> str | None:
+        """The metrics endpoint (``http://127.0.0.1:PORT/metrics``) when that sink serves one."""
+        sink = self.sinks.get("prometheus")
+        return getattr(sink, "url", None)
+
+    @property
+    def delivered_windows(self) -> dict[str, int]:
+        """Windows each sink has written so far."""
+        return {runner.name: runner.delivered for runner in self._runners}
+
+    @property
+    def dropped_windows(self) -> dict[str, int]:
+        """Windows each sink dropped (queue full, or still failing after its retries)."""
+        return {runner.name: runner.dropped for runner in self._runners}
+
+    def close(self, status: str = "finished") -> None:
+        """Flush the partial window, remove every hook, drain and close the sinks.
+
+        Safe to call twice. ``status`` ("finished" or "failed") is recorded in the run store.
+        """
         if self._closed:
             return
         try:
@@ -152,17 +184,16 @@ class Monitor:
             model = self._model_ref()
             if model is not None:
                 _WATCHED.discard(model)
-            for sink in self._sink_list:
-                try:
-                    sink.close()
-                except Exception as exc:
-                    self._record_error(f"sink {type(sink).__name__}", exc)
+            for runner in self._runners:
+                if hasattr(runner.sink, "status"):
+                    runner.sink.status = status
+                runner.close()
 
     def __enter__(self) -> Monitor:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close("finished" if exc_type is None else "failed")
 
     # ---- internals -----------------------------------------------------------------------
     def _is_sampled(self) -> bool:
@@ -213,11 +244,8 @@ class Monitor:
             self._in_window = 0
             self._flush_seconds += time.perf_counter() - start
         if snapshot is not None:
-            for sink in self._sink_list:
-                try:
-                    sink.write(snapshot)
-                except Exception as exc:  # a failing sink never stops training
-                    self._record_error(f"sink {type(sink).__name__}", exc)
+            for runner in self._runners:  # never blocks: each sink has its own thread
+                runner.submit(snapshot)
         return snapshot
 
     def _after_window(self, snapshot: Snapshot) -> None:
@@ -235,6 +263,27 @@ class Monitor:
             if unexplained and not self._escalated:
                 log.warning("actmon: sampling every step to find the first non-finite layer")
             self._escalated = unexplained or (self._escalated and not _has_layer(nonfinite))
+
+    def _start_sink(self, name: str, sink: Sink) -> None:
+        sinks = self.config.sinks
+        self._runners.append(
+            SinkRunner(
+                name,
+                sink,
+                self._record_sink_error,
+                sinks.queue_size,
+                sinks.retries,
+                sinks.backoff_seconds,
+            )
+        )
+
+    def _record_sink_error(self, name: str, exc: BaseException) -> None:
+        """Sink failures are counted and logged, never raised (they happen off-thread)."""
+        where = f"sink:{name}"
+        with self._errors_lock:
+            self.errors[where] = self.errors.get(where, 0) + 1
+            self.internal_errors_total += 1
+        self._log_once(where, f"actmon: sink {name} failed: {type(exc).__name__}: {exc}")
 
     def _record_error(self, where: str, exc: BaseException) -> None:
         if self.config.strict:
@@ -262,7 +311,7 @@ def watch(
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     config: Any = None,
     *,
-    sinks: Iterable[Sink] = (),
+    extra_sinks: Iterable[Sink] = (),
     **overrides: Any,
 ) -> Monitor:
     """Attach actmon to every leaf layer of ``model``.
@@ -270,8 +319,10 @@ def watch(
     ``config`` is a YAML path, a dict or an :class:`~actmon.config.Config`; ``ACTMON_CONFIG`` and
     keyword ``overrides`` (e.g. ``log_every=5``) take precedence over it, in that order. Give the
     ``optimizer`` to get gradient norms after accumulation and update-to-weight ratios.
+    The built-in sinks are configured under ``sinks`` (e.g. ``sinks={"prometheus":
+    {"enabled": True}}``); ``extra_sinks`` adds objects with ``write(snapshot)``/``close()``.
     """
-    return Monitor(model, optimizer, config, sinks=sinks, **overrides)
+    return Monitor(model, optimizer, config, extra_sinks=extra_sinks, **overrides)
 
 
 __all__ = ["Monitor", "watch"]

@@ -34,6 +34,35 @@ class LayerInfo:
     bounds: tuple[float, float] | None = None
 
 
+# Per-layer scalar metrics, by LayerStats field name: the names sinks, the store and rules use.
+LAYER_METRICS = (
+    "count",
+    "calls",
+    "mean",
+    "std",
+    "min",
+    "max",
+    "zero_fraction",
+    "nan_count",
+    "posinf_count",
+    "neginf_count",
+    "dead_fraction",
+    "dead_fraction_batch",
+    "dormant_fraction",
+    "saturation_fraction",
+    "softmax_max_prob",
+    "softmax_entropy",
+    "output_grad_norm",
+    "output_grad_abs_max",
+    "output_grad_nan_count",
+    "output_grad_inf_count",
+    "grad_norm",
+    "weight_norm",
+    "update_ratio",
+)
+RUN_METRICS = ("loss", "loss_last", "grad_norm_total", "grad_norm_total_max", "nonfinite_count")
+
+
 @dataclass(frozen=True)
 class LayerStats:
     """One layer's statistics over one window (None where a metric does not apply)."""
@@ -69,6 +98,14 @@ class LayerStats:
     grad_norm: float | None = None  # parameter gradient L2 norm of the layer (RMS over steps)
     weight_norm: float | None = None
     update_ratio: float | None = None  # ||delta w|| / ||w||
+
+    def metrics(self) -> dict[str, float]:
+        """Every numeric metric that applies to this layer, by its exported name."""
+        out = {name: float(v) for name in LAYER_METRICS if (v := getattr(self, name)) is not None}
+        out["abs_max"] = max(abs(self.min), abs(self.max))
+        for q, value in self.quantiles.items():
+            out[f"quantile_{q:g}"] = value
+        return out
 
     @property
     def nonfinite_count(self) -> int:
@@ -118,11 +155,17 @@ class Snapshot:
     first_nonfinite: NonFinite | None
     layers: dict[str, LayerStats]
     params: dict[str, ParamStats]
+    overhead_seconds_total: float = 0.0  # the monitor's own host time so far
+    internal_errors: dict[str, int] = field(default_factory=dict)  # so far, by where
 
     @property
     def nonfinite_count(self) -> int:
         """NaN/Inf values seen in the window's activations and output gradients."""
         return sum(layer.nonfinite_count for layer in self.layers.values())
+
+    def run_metrics(self) -> dict[str, float]:
+        """Run-level metrics of the window that have a value."""
+        return {name: float(v) for name in RUN_METRICS if (v := getattr(self, name)) is not None}
 
 
 def build_snapshot(

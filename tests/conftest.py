@@ -25,6 +25,12 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path, monkeypatch) -> None:
+    """Run stores and event files default to ./runs: keep each test's in its own directory."""
+    monkeypatch.chdir(tmp_path)
+
+
 class Capture:
     """Records clones of chosen modules' outputs (and output gradients) with our own hooks."""
 

@@ -37,8 +37,15 @@ def _health(layer: LayerStats) -> str:
     return f"[{colour}]{text}[/]"
 
 
-def render_table(snapshot: Snapshot) -> Table:
-    """A rich Table with one row per layer of the window."""
+def _score(layer: LayerStats) -> float:
+    fractions = (layer.dead_fraction, layer.dormant_fraction, layer.saturation_fraction)
+    return (2.0 if layer.nonfinite_count else 0.0) + max(
+        (v for v in fractions if v is not None), default=0.0
+    )
+
+
+def render_table(snapshot: Snapshot, worst: int | None = None) -> Table:
+    """A rich Table with one row per layer of the window (only the ``worst`` n if given)."""
     loss = _fmt(snapshot.loss)
     gnorm = _fmt(snapshot.grad_norm_total)
     table = Table(
@@ -62,7 +69,10 @@ def render_table(snapshot: Snapshot) -> Table:
         "update",
     ):
         table.add_column(column, justify="left" if column in ("layer", "kind") else "right")
-    for layer in snapshot.layers.values():
+    layers = list(snapshot.layers.values())
+    if worst is not None:
+        layers = sorted(layers, key=_score, reverse=True)[:worst]
+    for layer in layers:
         table.add_row(
             layer.name,
             layer.kind.value,
@@ -82,12 +92,18 @@ def render_table(snapshot: Snapshot) -> Table:
 
 
 class ConsoleSink:
-    """Prints the health table every ``every`` windows (and the last one at close)."""
+    """Prints the health table every ``every`` windows (and the last one at close).
 
-    def __init__(self, every: int = 1, console: Console | None = None) -> None:
+    ``worst`` limits each table to the n least healthy layers: the compact live view.
+    """
+
+    def __init__(
+        self, every: int = 1, console: Console | None = None, worst: int | None = None
+    ) -> None:
         if every < 1:
             raise ValueError(f"ConsoleSink every: got {every}, must be >= 1")
         self.every = every
+        self.worst = worst
         self.console = console or Console()
         self._seen = 0
         self._last: Snapshot | None = None
@@ -98,9 +114,9 @@ class ConsoleSink:
         self._last = snapshot
         self._printed_last = self._seen % self.every == 0
         if self._printed_last:
-            self.console.print(render_table(snapshot))
+            self.console.print(render_table(snapshot, self.worst))
 
     def close(self) -> None:
         if self._last is not None and not self._printed_last:
-            self.console.print(render_table(self._last))
+            self.console.print(render_table(self._last, self.worst))
         self._printed_last = True

@@ -1,0 +1,296 @@
+"""Prometheus sink: a private registry whose collector builds metric families from the latest
+Snapshot at each scrape, served on 127.0.0.1 or pushed to a Pushgateway.
+
+Nothing is registered globally: two monitors in one process each have their own registry
+and endpoint. Label cardinality is bounded by ``max_layer_series``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import threading
+from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, push_to_gateway, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from actmon.config import PrometheusSinkConfig
+from actmon.errors import ConfigError
+from actmon.snapshot import LayerStats, Snapshot
+
+log = logging.getLogger("actmon")
+
+OTHER = "_other"
+
+# Per-layer gauges: exported name -> (LayerStats metric, HELP text).
+LAYER_GAUGES: dict[str, tuple[str, str]] = {
+    "actmon_dead_fraction": (
+        "dead_fraction",
+        "Share of a ReLU-family layer's units that were "
+        "exactly 0 on every element of every sampled batch of the window.",
+    ),
+    "actmon_dormant_fraction": (
+        "dormant_fraction",
+        "Share of a leaky/smooth-gated layer's units never > 0 in the window.",
+    ),
+    "actmon_zero_fraction": ("zero_fraction", "Share of a layer's output elements exactly 0."),
+    "actmon_saturation_fraction": (
+        "saturation_fraction",
+        "Share of a sigmoid/tanh/clipping layer's outputs within saturation_eps of its bounds.",
+    ),
+    "actmon_activation_mean": ("mean", "Mean of a layer's outputs over the window."),
+    "actmon_activation_std": ("std", "Standard deviation of a layer's outputs over the window."),
+    "actmon_activation_abs_max": ("abs_max", "Largest |output| of a layer in the window."),
+    "actmon_softmax_max_prob": (
+        "softmax_max_prob",
+        "Mean max-probability of a softmax layer's rows (near 1: collapsed to one-hot).",
+    ),
+    "actmon_softmax_entropy": ("softmax_entropy", "Mean entropy (nats) of a softmax layer's rows."),
+    "actmon_grad_norm": (
+        "grad_norm",
+        "L2 norm of a layer's parameter gradients (RMS over the window's sampled steps).",
+    ),
+    "actmon_output_grad_norm": (
+        "output_grad_norm",
+        "L2 norm of the gradient of a layer's output (RMS over the window's sampled steps).",
+    ),
+    "actmon_update_ratio": (
+        "update_ratio",
+        "||delta w|| / ||w|| of a layer's parameters at the window's first sampled optimizer step.",
+    ),
+    "actmon_weight_norm": ("weight_norm", "L2 norm of a layer's parameters."),
+}
+
+
+def _worst(layer: LayerStats) -> float:
+    """Health score used to choose which layers keep their own series: worse is larger."""
+    fractions = [
+        v
+        for v in (layer.dead_fraction, layer.dormant_fraction, layer.saturation_fraction)
+        if v is not None
+    ]
+    return (2.0 if layer.nonfinite_count else 0.0) + max(fractions, default=0.0)
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, sink: PrometheusSink) -> None:
+        self.sink = sink
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.sink.families())
+
+
+class PrometheusSink:
+    """Exposes the latest window; counters accumulate over the run."""
+
+    def __init__(self, config: PrometheusSinkConfig, run: str) -> None:
+        self.config = config
+        self.run = run
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_SnapshotCollector(self))
+        self._lock = threading.Lock()
+        self._latest: Snapshot | None = None
+        self._nonfinite: dict[tuple[str, str, str, str], float] = {}  # (layer, kind, tensor, value)
+        self._kinds: dict[str, str] = {}
+        self._said_bounded = False
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self.url: str | None = None
+        if config.mode == "endpoint":
+            self._serve()
+
+    # ---- endpoint --------------------------------------------------------------------------
+    def _serve(self) -> None:
+        host, port = self.config.host, self.config.port
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            if self.config.port_in_use == "error":
+                raise ConfigError(
+                    f"config field 'sinks.prometheus.port': {host}:{port} is not available"
+                    f" ({exc}); choose another port, 0 for a free one, or set port_in_use to"
+                    " 'fallback' or 'disable'"
+                ) from None
+            if self.config.port_in_use == "disable":
+                log.warning(
+                    "actmon: Prometheus port %s:%d is not available (%s); the"
+                    " Prometheus sink is off",
+                    host,
+                    port,
+                    exc,
+                )
+                return
+            self._server, self._thread = start_http_server(0, addr=host, registry=self.registry)
+            log.warning(
+                "actmon: Prometheus port %s:%d is not available (%s); serving on %d",
+                host,
+                port,
+                exc,
+                self._server.server_port,
+            )
+        self.url = f"http://{_url_host(host)}:{self._server.server_port}/metrics"
+
+    # ---- Sink protocol -----------------------------------------------------------------------
+    def write(self, snapshot: Snapshot) -> None:
+        with self._lock:
+            self._latest = snapshot
+            for layer in snapshot.layers.values():
+                self._kinds[layer.name] = layer.kind.value
+                for tensor, value, count in (
+                    ("activation", "nan", layer.nan_count),
+                    ("activation", "inf", layer.posinf_count + layer.neginf_count),
+                    ("gradient", "nan", layer.output_grad_nan_count),
+                    ("gradient", "inf", layer.output_grad_inf_count),
+                ):
+                    key = (layer.name, layer.kind.value, tensor, value)
+                    self._nonfinite[key] = self._nonfinite.get(key, 0.0) + count
+        if self.config.mode == "pushgateway":
+            self.push()
+
+    def push(self) -> None:
+        push_to_gateway(
+            self.config.pushgateway_url,
+            job=self.config.job,
+            registry=self.registry,
+            grouping_key={"run": self.run},
+            timeout=5.0,
+        )
+
+    def close(self) -> None:
+        if self.config.mode == "pushgateway" and self._latest is not None:
+            self.push()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            assert self._thread is not None
+            self._thread.join(5.0)
+            self._server = None
+
+    # ---- exposition --------------------------------------------------------------------------
+    def _select_layers(self, layers: list[LayerStats]) -> tuple[list[LayerStats], list[LayerStats]]:
+        limit = self.config.max_layer_series
+        if len(layers) <= limit:
+            return layers, []
+        if not self._said_bounded:
+            self._said_bounded = True
+            log.warning(
+                "actmon: %d layers exceed max_layer_series=%d; the %d healthiest are"
+                ' exported as layer="%s"',
+                len(layers),
+                limit,
+                len(layers) - limit + 1,
+                OTHER,
+            )
+        ranked = sorted(layers, key=_worst, reverse=True)
+        return ranked[: limit - 1], ranked[limit - 1 :]
+
+    def families(self) -> list[Metric]:
+        """Metric families for the latest window (called at each scrape / push)."""
+        with self._lock:
+            snap = self._latest
+            nonfinite = dict(self._nonfinite)
+        if snap is None:
+            return []
+        run = self.run
+        labels = ["run", "layer", "kind"]
+        out: list[Metric] = []
+        own, rest = self._select_layers(list(snap.layers.values()))
+        rows = [(layer.name, layer.kind.value, layer.metrics()) for layer in own]
+        if rest:
+            rows.append((OTHER, "mixed", _mean_metrics([layer.metrics() for layer in rest])))
+        for name, (metric, help_text) in LAYER_GAUGES.items():
+            family = GaugeMetricFamily(name, help_text, labels=labels)
+            for layer, kind, values in rows:
+                if metric in values:
+                    family.add_metric([run, layer, kind], values[metric])
+            out.append(family)
+        quantiles = GaugeMetricFamily(
+            "actmon_activation_quantile",
+            "Quantile of a layer's outputs over the window, read"
+            " from its histogram (exact to within one bin).",
+            labels=[*labels, "quantile"],
+        )
+        for layer, kind, values in rows:
+            for key, value in values.items():
+                if key.startswith("quantile_"):
+                    quantiles.add_metric([run, layer, kind, key.removeprefix("quantile_")], value)
+        out.append(quantiles)
+        nf = CounterMetricFamily(
+            "actmon_nonfinite",
+            "NaN and Inf values seen in a layer's outputs (activation) or"
+            " output gradients (gradient), over the run's sampled steps.",
+            labels=[*labels, "tensor", "value"],
+        )
+        exported = {layer.name for layer in own}
+        other: dict[tuple[str, str], float] = {}
+        for (layer, kind, tensor, value), count in sorted(nonfinite.items()):
+            if layer in exported or not rest:
+                nf.add_metric([run, layer, kind, tensor, value], count)
+            else:
+                other[(tensor, value)] = other.get((tensor, value), 0.0) + count
+        for (tensor, value), count in sorted(other.items()):
+            nf.add_metric([run, OTHER, "mixed", tensor, value], count)
+        out.append(nf)
+        out.extend(self._run_families(snap))
+        return out
+
+    def _run_families(self, snap: Snapshot) -> list[Metric]:
+        run = self.run
+        step = GaugeMetricFamily(
+            "actmon_step", "Last training step of the latest window.", labels=["run"]
+        )
+        step.add_metric([run], snap.step)
+        out: list[Metric] = [step]
+        for name, value, help_text in (
+            ("actmon_loss", snap.loss, "Mean loss over the latest window's steps."),
+            (
+                "actmon_grad_norm_total",
+                snap.grad_norm_total,
+                "Total parameter-gradient L2 norm (RMS over the window's steps).",
+            ),
+        ):
+            family = GaugeMetricFamily(name, help_text, labels=["run"])
+            if value is not None and not math.isnan(value):
+                family.add_metric([run], value)
+            out.append(family)
+        overhead = CounterMetricFamily(
+            "actmon_overhead_seconds",
+            "Host time spent by actmon in hooks and flushes.",
+            labels=["run"],
+        )
+        overhead.add_metric([run], snap.overhead_seconds_total)
+        errors = CounterMetricFamily(
+            "actmon_internal_errors",
+            "Failures contained inside actmon (a hook, a flush or a sink), by where they happened.",
+            labels=["run", "sink", "layer"],
+        )
+        for where, count in sorted(snap.internal_errors.items()):
+            sink = where.removeprefix("sink:") if where.startswith("sink:") else ""
+            errors.add_metric([run, sink, "" if sink else where], count)
+        out.extend([overhead, errors])
+        return out
+
+
+def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for row in rows for k in row}
+    out = {}
+    for key in keys:
+        values = [row[key] for row in rows if key in row and math.isfinite(row[key])]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (for tests and examples)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,121 @@
+"""The run store sink: writes each window into the run's SQLite file (see ``actmon.store``).
+
+It runs on its SinkRunner's thread, so the connection is opened there, at the first write.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from actmon.snapshot import LayerInfo, Snapshot
+from actmon.store import SCHEMA, SCHEMA_VERSION
+
+
+class StoreSink:
+    """Appends windows to ``path``; marks the run finished/failed at close."""
+
+    def __init__(
+        self, path: str | Path, run: str, config_json: str, layers: Callable[[], list[LayerInfo]]
+    ) -> None:
+        self.path = Path(path)
+        self.run = run
+        self.status = "finished"  # what close() records; the monitor sets "failed"
+        self._config_json = config_json
+        self._layers = layers
+        self._db: sqlite3.Connection | None = None
+        self._started = time.time()
+        self._layers_written = 0
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=5.0)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            with db:
+                db.executescript(SCHEMA)
+                db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+                db.execute(
+                    "INSERT OR REPLACE INTO runs VALUES (?, ?, NULL, 'running', ?, '[]')",
+                    (self.run, self._started, self._config_json),
+                )
+            self._db = db
+        return self._db
+
+    def _write_layers(self, db: sqlite3.Connection) -> None:
+        layers = self._layers()
+        known = sum(1 for info in layers if info.units is not None)
+        if known == self._layers_written:
+            return
+        db.executemany(
+            "INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?, ?)",
+            [(self.run, i.name, i.kind.value, i.unit_axis, i.units) for i in layers],
+        )
+        model = [
+            {
+                "name": i.name,
+                "kind": i.kind.value,
+                "unit_axis": i.unit_axis,
+                "units": i.units,
+                "params": list(i.params),
+            }
+            for i in layers
+        ]
+        db.execute("UPDATE runs SET model_json = ? WHERE run = ?", (json.dumps(model), self.run))
+        self._layers_written = known
+
+    def write(self, snapshot: Snapshot) -> None:
+        db = self._connect()
+        step = snapshot.step
+        rows = [(self.run, step, "", name, value) for name, value in snapshot.run_metrics().items()]
+        for layer in snapshot.layers.values():
+            rows.extend(
+                (self.run, step, layer.name, name, value) for name, value in layer.metrics().items()
+            )
+        hists = [
+            (
+                self.run,
+                step,
+                layer.name,
+                np.asarray(layer.hist_edges, np.float64).tobytes(),
+                np.asarray(layer.hist_counts, np.float64).tobytes(),
+            )
+            for layer in snapshot.layers.values()
+        ]
+        with db:  # one transaction per window: all of it or none of it survives a kill
+            self._write_layers(db)
+            db.execute(
+                "INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?)",
+                (
+                    self.run,
+                    step,
+                    snapshot.window[0],
+                    snapshot.window[1],
+                    len(snapshot.sampled_steps),
+                ),
+            )
+            db.executemany(
+                "INSERT INTO metrics VALUES (?, ?, ?, ?, ?)",
+                [(r, s, la, m, None if v != v else v) for r, s, la, m, v in rows],
+            )
+            db.executemany("INSERT INTO histograms VALUES (?, ?, ?, ?, ?)", hists)
+
+    def close(self) -> None:
+        db = self._connect()
+        with db:
+            self._write_layers(db)
+            db.execute(
+                "UPDATE runs SET ended = ?, status = ? WHERE run = ?",
+                (time.time(), self.status, self.run),
+            )
+        db.close()
+        self._db = None

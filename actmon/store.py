@@ -1,0 +1,198 @@
+"""The run store: one SQLite file per run, and the small read API gate and report use.
+
+Schema (version 1), long format so new metrics need no migration:
+
+* ``meta(key, value)`` — ``schema_version``.
+* ``runs(run, started, ended, status, config_json, model_json)`` — status is ``running`` until
+  the monitor closes (``finished`` / ``failed``); a killed run stays ``running``.
+* ``layers(run, name, kind, unit_axis, units)``.
+* ``windows(run, step, first_step, last_step, sampled_steps)``.
+* ``metrics(run, step, layer, metric, value)`` — ``layer`` is ``''`` for run-level metrics.
+* ``histograms(run, step, layer, edges, counts)`` — float64 arrays as bytes.
+
+Every window is one transaction in WAL mode, so a process killed at any point leaves a store
+that opens and holds every window committed before the kill.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from actmon.errors import ActmonError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run TEXT PRIMARY KEY, started REAL NOT NULL, ended REAL, status TEXT NOT NULL,
+    config_json TEXT NOT NULL, model_json TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS layers (
+    run TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL, unit_axis INTEGER, units INTEGER,
+    PRIMARY KEY (run, name)
+);
+CREATE TABLE IF NOT EXISTS windows (
+    run TEXT NOT NULL, step INTEGER NOT NULL, first_step INTEGER NOT NULL,
+    last_step INTEGER NOT NULL, sampled_steps INTEGER NOT NULL, PRIMARY KEY (run, step)
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run TEXT NOT NULL, step INTEGER NOT NULL, layer TEXT NOT NULL, metric TEXT NOT NULL,
+    value REAL
+);
+CREATE INDEX IF NOT EXISTS metrics_by_name ON metrics (run, metric, layer, step);
+CREATE TABLE IF NOT EXISTS histograms (
+    run TEXT NOT NULL, step INTEGER NOT NULL, layer TEXT NOT NULL, edges BLOB NOT NULL,
+    counts BLOB NOT NULL
+);
+"""
+
+
+class StoreError(ActmonError):
+    """A run store cannot be read: missing, corrupt, or written by another schema version."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run: str
+    started: float
+    ended: float | None
+    status: str
+    config: dict[str, object]
+    layers: list[dict[str, object]]
+
+
+@dataclass(frozen=True)
+class Window:
+    step: int
+    first_step: int
+    last_step: int
+    sampled_steps: int
+
+
+class RunStore:
+    """Read access to one store file. Plain Python / numpy results, no pandas."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StoreError(f"run store {str(self.path)!r} does not exist")
+        try:
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0)
+            version = self._db.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'"
+            ).fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"{str(self.path)!r} is not a readable actmon run store ({exc})"
+            ) from None
+        if version is None or int(version[0]) != SCHEMA_VERSION:
+            found = "none" if version is None else version[0]
+            raise StoreError(
+                f"run store {str(self.path)!r} has schema version {found}; this actmon reads"
+                f" version {SCHEMA_VERSION}"
+            )
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"run store {str(self.path)!r} cannot be read: {exc}") from None
+
+    def runs(self) -> list[RunInfo]:
+        out = []
+        for run, started, ended, status, config_json, model_json in self._query(
+            "SELECT run, started, ended, status, config_json, model_json FROM runs ORDER BY started"
+        ):
+            out.append(
+                RunInfo(
+                    str(run),
+                    float(started),  # type: ignore[arg-type]
+                    None if ended is None else float(ended),  # type: ignore[arg-type]
+                    str(status),
+                    json.loads(str(config_json)),
+                    json.loads(str(model_json)),
+                )
+            )
+        return out
+
+    def run(self, name: str | None = None) -> RunInfo:
+        """One run by name; the only run when ``name`` is None."""
+        runs = self.runs()
+        if name is None:
+            if len(runs) != 1:
+                raise StoreError(f"run store {str(self.path)!r} holds {len(runs)} runs; name one")
+            return runs[0]
+        for info in runs:
+            if info.run == name:
+                return info
+        raise StoreError(f"run {name!r} is not in {str(self.path)!r}")
+
+    def windows(self, run: str | None = None) -> list[Window]:
+        name = self.run(run).run
+        rows = self._query(
+            "SELECT step, first_step, last_step, sampled_steps FROM windows WHERE run = ?"
+            " ORDER BY step",
+            (name,),
+        )
+        return [Window(*(int(v) for v in row)) for row in rows]  # type: ignore[call-overload]
+
+    def metrics(
+        self, metric: str | None = None, layer: str | None = None, run: str | None = None
+    ) -> list[tuple[int, str, str, float]]:
+        """Rows (step, layer, metric, value), by step; ``layer=''`` selects run-level metrics."""
+        name = self.run(run).run
+        sql = "SELECT step, layer, metric, value FROM metrics WHERE run = ?"
+        args: list[object] = [name]
+        if metric is not None:
+            sql += " AND metric = ?"
+            args.append(metric)
+        if layer is not None:
+            sql += " AND layer = ?"
+            args.append(layer)
+        rows = self._query(sql + " ORDER BY step, layer, metric", tuple(args))
+        return [
+            (int(s), str(la), str(m), math.nan if v is None else float(v))  # type: ignore[arg-type]
+            for s, la, m, v in rows
+        ]
+
+    def series(
+        self, metric: str, layer: str = "", run: str | None = None
+    ) -> list[tuple[int, float]]:
+        """(step, value) of one metric of one layer (``''``: run-level) across windows."""
+        return [(s, v) for s, _, _, v in self.metrics(metric, layer, run)]
+
+    def histograms(
+        self, layer: str, run: str | None = None
+    ) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """(step, edges, counts) of one layer's histogram across windows."""
+        name = self.run(run).run
+        rows = self._query(
+            "SELECT step, edges, counts FROM histograms WHERE run = ? AND layer = ? ORDER BY step",
+            (name, layer),
+        )
+        return [
+            (int(s), np.frombuffer(e, dtype=np.float64), np.frombuffer(c, dtype=np.float64))  # type: ignore[arg-type, call-overload]
+            for s, e, c in rows
+        ]
+
+
+def open(path: str | os.PathLike[str]) -> RunStore:
+    """Open a run store for reading (``actmon.store.open("runs/x/actmon.db")``)."""
+    return RunStore(path)

@@ -1,0 +1,115 @@
+"""Real Prometheus / Pushgateway servers for integration tests, bound to 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actmon.sinks.prometheus import free_port
+
+
+def require(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        pytest.skip(f"{binary} is not installed (Debian package; .ci/run installs it)")
+    return path
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except OSError as exc:
+            last = exc
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}: last {last!r}")
+
+
+def http_get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
+
+
+class Server:
+    """A child process started on 127.0.0.1 and stopped by its PID."""
+
+    def __init__(self, args: list[str], url: str, ready_path: str) -> None:
+        self.url = url
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_for(
+                lambda: self.proc.poll() is None and http_get(url + ready_path) is not None,
+                timeout=30,
+                what=f"{args[0]} to be ready",
+            )
+        except AssertionError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+
+def start_prometheus(tmp: Path, targets: list[str], honor_labels: bool = False) -> Server:
+    binary = require("prometheus")
+    port = free_port()
+    config = tmp / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: actmon\n"
+        f"    honor_labels: {str(honor_labels).lower()}\n"
+        f"    static_configs:\n      - targets: {json.dumps(targets)}\n"
+    )
+    (tmp / "tsdb").mkdir()
+    return Server(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        f"http://127.0.0.1:{port}",
+        "/-/ready",
+    )
+
+
+def start_pushgateway(tmp: Path) -> Server:
+    binary = require("prometheus-pushgateway")
+    port = free_port()
+    return Server(
+        [
+            binary,
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--persistence.file={tmp / 'pushgateway.db'}",
+        ],
+        f"http://127.0.0.1:{port}",
+        "/-/ready",
+    )
+
+
+def prom_query(server: Server, query: str) -> list[dict[str, Any]]:
+    url = f"{server.url}/api/v1/query?query={urllib.parse.quote(query)}"
+    body = json.loads(http_get(url))
+    assert body["status"] == "success", body
+    return list(body["data"]["result"])
