@@ -22,6 +22,7 @@ import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -109,7 +110,7 @@ class RunStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
         try:
             return self._db.execute(sql, args).fetchall()
         except sqlite3.DatabaseError as exc:
@@ -123,8 +124,8 @@ class RunStore:
             out.append(
                 RunInfo(
                     str(run),
-                    float(started),  # type: ignore[arg-type]
-                    None if ended is None else float(ended),  # type: ignore[arg-type]
+                    float(started),
+                    None if ended is None else float(ended),
                     str(status),
                     json.loads(str(config_json)),
                     json.loads(str(model_json)),
@@ -151,7 +152,7 @@ class RunStore:
             " ORDER BY step",
             (name,),
         )
-        return [Window(*(int(v) for v in row)) for row in rows]  # type: ignore[call-overload]
+        return [Window(*(int(v) for v in row)) for row in rows]
 
     def metrics(
         self, metric: str | None = None, layer: str | None = None, run: str | None = None
@@ -168,8 +169,7 @@ class RunStore:
             args.append(layer)
         rows = self._query(sql + " ORDER BY step, layer, metric", tuple(args))
         return [
-            (int(s), str(la), str(m), math.nan if v is None else float(v))  # type: ignore[arg-type]
-            for s, la, m, v in rows
+            (int(s), str(la), str(m), math.nan if v is None else float(v)) for s, la, m, v in rows
         ]
 
     def series(
@@ -188,7 +188,7 @@ class RunStore:
             (name, layer),
         )
         return [
-            (int(s), np.frombuffer(e, dtype=np.float64), np.frombuffer(c, dtype=np.float64))  # type: ignore[arg-type, call-overload]
+            (int(s), np.frombuffer(e, dtype=np.float64), np.frombuffer(c, dtype=np.float64))
             for s, e, c in rows
         ]
 

@@ -77,9 +77,8 @@ def run(name: str, steps: int, warmup: int) -> list[tuple[str, float, float, flo
     for config in CONFIGS:
         med = statistics.median(times[config])
         mon = monitors.get(config)
-        if mon is not None:
-            if not any(snap.layers for snap in mon.history):
-                raise RuntimeError(f"{config} recorded nothing: the comparison would be void")
+        if mon is not None and not any(snap.layers for snap in mon.history):
+            raise RuntimeError(f"{config} recorded nothing: the comparison would be void")
         mean = statistics.fmean(times[config])
         rows.append(
             (

@@ -74,6 +74,7 @@ class Server:
 def start_prometheus(tmp: Path, targets: list[str], honor_labels: bool = False) -> Server:
     binary = require("prometheus")
     port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
@@ -113,3 +114,13 @@ def prom_query(server: Server, query: str) -> list[dict[str, Any]]:
     body = json.loads(http_get(url))
     assert body["status"] == "success", body
     return list(body["data"]["result"])
+
+
+def fetch_when(url: str, needle: str, timeout: float = 30.0) -> str:
+    """GET ``url`` until the body contains ``needle`` (sinks write on their own thread)."""
+
+    def check() -> str | None:
+        text = http_get(url)
+        return text if needle in text else None
+
+    return str(wait_for(check, timeout, what=f"{needle!r} at {url}"))

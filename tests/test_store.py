@@ -58,14 +58,16 @@ def test_store_holds_every_window_equal_to_the_snapshots(tmp_path):
 def test_a_failed_run_is_marked_failed(tmp_path):
     model = nn.Sequential(nn.Linear(6, 2))
     path = tmp_path / "run.db"
-    with (
-        pytest.raises(RuntimeError, match="boom"),
-        actmon.watch(
+
+    def run() -> None:
+        with actmon.watch(
             model, run_name="bad", log_every=2, sinks={"store": {"path": str(path)}}
-        ) as monitor,
-    ):
-        _train(monitor, model, 3)
-        raise RuntimeError("boom")
+        ) as monitor:
+            _train(monitor, model, 3)
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run()
     with store.open(path) as db:
         assert db.run().status == "failed"
         assert [w.step for w in db.windows()] == [2, 3]

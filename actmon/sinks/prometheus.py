@@ -227,13 +227,13 @@ class PrometheusSink:
         )
         exported = {layer.name for layer in own}
         other: dict[tuple[str, str], float] = {}
-        for (layer, kind, tensor, value), count in sorted(nonfinite.items()):
+        for (layer, kind, tensor, which), count in sorted(nonfinite.items()):
             if layer in exported or not rest:
-                nf.add_metric([run, layer, kind, tensor, value], count)
+                nf.add_metric([run, layer, kind, tensor, which], count)
             else:
-                other[(tensor, value)] = other.get((tensor, value), 0.0) + count
-        for (tensor, value), count in sorted(other.items()):
-            nf.add_metric([run, OTHER, "mixed", tensor, value], count)
+                other[(tensor, which)] = other.get((tensor, which), 0.0) + count
+        for (tensor, which), count in sorted(other.items()):
+            nf.add_metric([run, OTHER, "mixed", tensor, which], count)
         out.append(nf)
         out.extend(self._run_families(snap))
         return out
