@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install demo test lint bench clean
+.PHONY: install servers demo test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check actmon tests benchmarks
 	$(BIN)/mypy actmon
 
-test: lint
+servers:
+	bash scripts/install-servers.sh
+
+test: lint servers
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

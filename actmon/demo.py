@@ -46,7 +46,9 @@ def run_demo(
     log_every: int = 50,
     console: Console | None = None,
     config: str | None = None,
+    out: str = "runs",
 ) -> DemoResult:
+    """Train on digits with every sink on: run store, TensorBoard, Prometheus, console table."""
     from sklearn.datasets import load_digits
 
     console = console or Console()
@@ -56,10 +58,22 @@ def run_demo(
     model = digits_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
-    sink = ConsoleSink(every=max(1, steps // log_every), console=console)
-    overrides = {"log_every": log_every, "run_name": "digits-demo"}
+    table = ConsoleSink(every=max(1, steps // log_every), console=console)
+    run = "digits-demo"
+    sinks = {
+        "store": {"enabled": True, "path": f"{out}/{run}/actmon.db"},
+        "tensorboard": {"enabled": True, "log_dir": f"{out}/{run}/tensorboard"},
+        "prometheus": {"enabled": True, "port": 0},
+        "console": {"enabled": False},  # the full table below instead of the compact view
+    }
     with actmon.watch(
-        model, optimizer=opt, config=config, extra_sinks=[sink], **overrides
+        model,
+        optimizer=opt,
+        config=config,
+        extra_sinks=[table],
+        log_every=log_every,
+        run_name=run,
+        sinks=sinks,
     ) as monitor:
         loss = torch.tensor(0.0)
         for _ in range(steps):
@@ -69,6 +83,7 @@ def run_demo(
             opt.step()
             opt.zero_grad()
             monitor.step(loss=loss)
+        url = monitor.prometheus_url
     with torch.no_grad():
         accuracy = (model(x).argmax(1) == y).float().mean().item()
     console.print(
@@ -76,4 +91,7 @@ def run_demo(
         f" {accuracy:.1%}; monitor overhead {monitor.overhead_seconds_total * 1e3:.0f} ms,"
         f" internal errors {monitor.internal_errors_total}"
     )
+    console.print(f"run store:   {out}/{run}/actmon.db")
+    console.print(f"TensorBoard: tensorboard --logdir {out}/{run}/tensorboard")
+    console.print(f"Prometheus:  {url} (served while training)")
     return DemoResult(monitor, loss.item(), accuracy)

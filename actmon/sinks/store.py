@@ -38,12 +38,14 @@ class StoreSink:
             db = sqlite3.connect(self.path, timeout=5.0)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SCHEMA)
             with db:
-                db.executescript(SCHEMA)
                 db.execute(
                     "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
                 )
+                for table in ("layers", "windows", "metrics", "histograms"):  # a re-run replaces
+                    db.execute(f"DELETE FROM {table} WHERE run = ?", (self.run,))
                 db.execute(
                     "INSERT OR REPLACE INTO runs VALUES (?, ?, NULL, 'running', ?, '[]')",
                     (self.run, self._started, self._config_json),

@@ -1,0 +1,129 @@
+"""Sink isolation: a sink that raises, blocks, cannot start or cannot reach its server never stops
+training; its errors and dropped windows are counted; the other sinks carry on."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import torch
+from rich.console import Console
+from torch import nn
+
+import actmon
+from actmon import store
+from actmon.sinks.console import render_table
+from actmon.sinks.prometheus import free_port
+
+
+def _train(monitor, model, steps):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        model(torch.randn(4, 6)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        monitor.step(loss=torch.tensor(1.0))
+
+
+class Raising:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def write(self, snapshot: actmon.Snapshot) -> None:
+        self.calls += 1
+        raise OSError("disk full")
+
+    def close(self) -> None:
+        pass
+
+
+class Blocking:
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.written = 0
+
+    def write(self, snapshot: actmon.Snapshot) -> None:
+        self.release.wait()
+        self.written += 1
+
+    def close(self) -> None:
+        pass
+
+
+def _fast_retries(**extra):
+    return {"retries": 2, "backoff_seconds": 0.01, **extra}
+
+
+def test_a_raising_sink_is_retried_counted_and_dropped_while_others_carry_on(tmp_path):
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU())
+    bad = Raising()
+    path = tmp_path / "run.db"
+    sinks = _fast_retries(store={"path": str(path)})
+    with actmon.watch(model, log_every=2, extra_sinks=[bad], sinks=sinks) as monitor:
+        _train(monitor, model, 6)
+    assert bad.calls == 3 * 3  # each of 3 windows: 1 attempt + 2 retries
+    assert monitor.errors == {"sink:Raising": 9}
+    assert monitor.dropped_windows == {"store": 0, "Raising": 3}
+    assert monitor.internal_errors_total == 9
+    with store.open(path) as db:
+        assert len(db.windows()) == 3
+
+
+def test_a_blocked_sink_never_blocks_training_and_its_queue_is_bounded():
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU())
+    slow = Blocking()
+    monitor = actmon.watch(
+        model, log_every=1, extra_sinks=[slow], sinks={"store": {"enabled": False}, "queue_size": 2}
+    )
+    _train(monitor, model, 10)  # returns although the sink has written nothing yet
+    assert slow.written == 0
+    assert monitor.dropped_windows["Blocking"] >= 7  # 1 in the sink, 2 queued, the rest dropped
+    slow.release.set()
+    monitor.close()
+    assert slow.written + monitor.dropped_windows["Blocking"] == 10
+
+
+def test_unreachable_pushgateway_is_contained():
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU())
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    sinks = _fast_retries(
+        store={"enabled": False},
+        prometheus={"enabled": True, "mode": "pushgateway", "pushgateway_url": url},
+    )
+    with actmon.watch(model, log_every=2, sinks=sinks) as monitor:
+        _train(monitor, model, 4)
+    assert monitor.step_count == 4
+    assert monitor.errors["sink:prometheus"] >= 6  # 2 windows x 3 attempts (+ the push at close)
+    assert monitor.dropped_windows["prometheus"] == 2
+
+
+def test_unwritable_tensorboard_dir_is_contained(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU())
+    sinks = {
+        "store": {"path": str(tmp_path / "run.db")},
+        "tensorboard": {"enabled": True, "log_dir": str(blocker / "tb")},
+    }
+    with actmon.watch(model, log_every=2, sinks=sinks) as monitor:
+        _train(monitor, model, 4)
+    assert monitor.errors == {"sink:tensorboard": 1}
+    assert set(monitor.sinks) == {"store"}
+    with store.open(tmp_path / "run.db") as db:
+        assert len(db.windows()) == 2
+
+
+def test_console_compact_view_shows_the_worst_layers():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+    with torch.no_grad():
+        model[2].bias.fill_(-50.0)  # layer "3" all dead
+    with actmon.watch(
+        model, log_every=2, sample_every=1, sinks={"store": {"enabled": False}}
+    ) as monitor:
+        _train(monitor, model, 2)
+    out = io.StringIO()
+    Console(file=out, width=200).print(render_table(monitor.snapshot(), worst=1))
+    text = out.getvalue()
+    assert "│ 3 " in text
+    assert "100.0%" in text
+    assert "│ 1 " not in text

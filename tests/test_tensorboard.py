@@ -1,0 +1,70 @@
+"""TensorBoard sink: event files read back with TensorBoard's own reader equal the Snapshots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+import actmon
+
+
+def _read(log_dir) -> EventAccumulator:
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def test_scalars_and_histograms_read_back_equal_the_snapshots(tmp_path):
+    log_dir = tmp_path / "tb"
+    # Another writer in the same directory, as Lightning's TensorBoardLogger would be.
+    other = SummaryWriter(str(log_dir))
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sinks = {"store": {"enabled": False}, "tensorboard": {"enabled": True, "log_dir": str(log_dir)}}
+    with actmon.watch(model, optimizer=opt, log_every=3, sample_every=1, sinks=sinks) as monitor:
+        for step in range(1, 7):
+            loss = model(torch.randn(8, 6)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            monitor.step(loss=loss)
+            other.add_scalar("train/loss", loss.item(), step)
+    other.close()
+    snaps = list(monitor.history)
+    acc = _read(log_dir)
+    tags = acc.Tags()
+    assert "train/loss" in tags["scalars"]  # the other writer's data is intact
+    assert [e.value for e in acc.Scalars("actmon/loss")] == pytest.approx(
+        [s.loss for s in snaps], rel=1e-6
+    )
+    for name in (
+        "dead_fraction",
+        "mean",
+        "std",
+        "zero_fraction",
+        "quantile_0.5",
+        "output_grad_norm",
+    ):
+        events = acc.Scalars(f"actmon/{name}/1")
+        assert [e.step for e in events] == [3, 6]
+        expected = [s.layers["1"].metrics()[name] for s in snaps]
+        assert [e.value for e in events] == pytest.approx(expected, rel=1e-6), name
+    assert [e.value for e in acc.Scalars("actmon/grad_norm/0")] == pytest.approx(
+        [s.layers["0"].grad_norm for s in snaps], rel=1e-6
+    )
+    hist = acc.Histograms("actmon/hist/0")
+    assert [h.step for h in hist] == [3, 6]
+    for event, snap in zip(hist, snaps, strict=True):
+        layer = snap.layers["0"]
+        value = event.histogram_value
+        used = np.nonzero(layer.hist_counts)[0]
+        lo, hi = used[0], used[-1] + 1
+        np.testing.assert_allclose(value.bucket, layer.hist_counts[lo:hi])
+        np.testing.assert_allclose(value.bucket_limit, layer.hist_edges[lo + 1 : hi + 1])
+        assert value.num == layer.count
+        assert value.min == pytest.approx(layer.min)
+        assert value.max == pytest.approx(layer.max)
