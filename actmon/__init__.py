@@ -9,12 +9,15 @@ from actmon.config import Config, load_config
 from actmon.errors import ActmonError, ConfigError, HookError, MonitorStateError
 from actmon.kinds import Kind
 from actmon.monitor import Monitor, watch
+from actmon.rules import Alert, AlertError, Rule
 from actmon.snapshot import LayerInfo, LayerStats, NonFinite, ParamStats, Snapshot
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActmonError",
+    "Alert",
+    "AlertError",
     "Config",
     "ConfigError",
     "HookError",
@@ -25,6 +28,7 @@ __all__ = [
     "MonitorStateError",
     "NonFinite",
     "ParamStats",
+    "Rule",
     "Snapshot",
     "__version__",
     "load_config",

@@ -57,5 +57,45 @@ def validate(path: str) -> None:
     click.echo(cfg.model_dump_json(indent=2))
 
 
+@main.group()
+def rules() -> None:
+    """Work with alert rules."""
+
+
+@rules.command("export")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="The actmon config whose rules to export (default: the built-in pack).",
+)
+@click.option(
+    "--step-seconds",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds per training step: turns for_steps into Prometheus 'for:'.",
+)
+@click.option(
+    "--scrape-interval",
+    default=15.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Prometheus scrape interval in seconds: the shortest 'for:'.",
+)
+def export(config_path: str | None, step_seconds: float, scrape_interval: float) -> None:
+    """Print the rules as a Prometheus alerting-rules file; skipped rules go to stderr."""
+    from actmon.rules_export import export_yaml
+
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    text, skipped = export_yaml(cfg, step_seconds, scrape_interval)
+    click.echo(text, nl=False)
+    for name, reason in skipped:
+        click.echo(f"skipped {name}: {reason}", err=True)
+
+
 if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from actmon.errors import ConfigError
 from actmon.kinds import Kind
+from actmon.rules import DEFAULT_RULES, Rule
 
 ENV_VAR = "ACTMON_CONFIG"
 
@@ -134,6 +135,10 @@ class Config(_Strict):
     histogram: HistogramConfig = Field(default_factory=HistogramConfig)
     gradients: GradientsConfig = Field(default_factory=GradientsConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
+    # Alert rules (see actmon.rules and the documented pack in configs/default.yaml). A list
+    # given in a file or override replaces the default pack.
+    rules: list[Rule] = Field(default_factory=lambda: [r.model_copy() for r in DEFAULT_RULES])
+    checks: bool = True  # model checks at attach / first loss call (double softmax, init, ...)
     skip_no_grad: bool = True  # forwards under torch.no_grad() (evaluation) are not recorded
     escalate_on_nonfinite: bool = True  # sample every step after a window saw a non-finite loss
     history: int = Field(100, ge=1)  # snapshots kept in ``monitor.history``

@@ -12,7 +12,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,8 +21,10 @@ from torch import Tensor, nn
 
 from actmon.aggregate import Aggregator
 from actmon.attach import Attacher, Layer, select_layers
+from actmon.checks import attach_checks, loss_input_check
 from actmon.config import Config, load_config
 from actmon.errors import HookError, MonitorStateError
+from actmon.rules import Alert, AlertError, RuleEngine
 from actmon.sinks import Sink
 from actmon.sinks.build import build_sinks
 from actmon.sinks.runner import SinkRunner
@@ -43,6 +45,7 @@ class Monitor:
         config: Any = None,
         *,
         extra_sinks: Iterable[Sink] = (),
+        loss_fn: nn.Module | None = None,
         **overrides: Any,
     ) -> None:
         if model in _WATCHED:
@@ -89,6 +92,27 @@ class Monitor:
         self._attacher = Attacher(
             model, self._layers, self._aggregator, self.config, optimizers, self._record_error
         )
+        # Rules: validated now, so a rule naming an unknown metric or no layer fails watch().
+        self.alerts: list[Alert] = []  # every event, firing and resolved (the last 10,000)
+        self.active_alerts: dict[tuple[str, str | None], Alert] = {}
+        self.should_stop = False  # set by a rule with the "stop" action
+        self._callbacks: list[Callable[[Alert], None]] = []
+        self._pending_alerts: list[Alert] = []
+        self._to_raise: Alert | None = None
+        self._loss_hook = None
+        try:
+            self._engine = RuleEngine(list(self.config.rules), self.layers, self.config.quantiles)
+        except Exception:
+            self._attacher.remove()
+            for runner in self._runners:
+                runner.close()
+            raise
+        if self.config.checks:
+            self._pending_alerts.extend(attach_checks(model, loss_fn is not None))
+            if loss_fn is not None:
+                self._loss_hook = loss_fn.register_forward_pre_hook(
+                    loss_input_check(loss_fn, self._pending_alerts.append, lambda: self._step + 1)
+                )
         _WATCHED.add(model)
         self._window_sampled = False  # whether the current window has had a sampled step
         self._attacher.sampling = self._is_sampled()
@@ -108,6 +132,10 @@ class Monitor:
     def overhead_seconds_total(self) -> float:
         """Host time spent in actmon's hooks and flushes (the monitor's own cost)."""
         return self._attacher.overhead_seconds + self._flush_seconds
+
+    def on_alert(self, callback: Callable[[Alert], None]) -> None:
+        """Call ``callback(alert)`` for every alert event of rules with the "callback" action."""
+        self._callbacks.append(callback)
 
     def step(self, loss: Tensor | float | None = None) -> Snapshot | None:
         """End a training step (call it after ``optimizer.step()``).
@@ -133,6 +161,9 @@ class Monitor:
         self._attacher.measure_update = not self._window_sampled
         self._attacher.sampling = self._is_sampled()
         self._flush_seconds += time.perf_counter() - start
+        if self._to_raise is not None:  # a rule with the "raise" action fired
+            alert, self._to_raise = self._to_raise, None
+            raise AlertError(alert)
         return snapshot
 
     def snapshot(self) -> Snapshot | None:
@@ -181,6 +212,8 @@ class Monitor:
         finally:
             self._closed = True
             self._attacher.remove()
+            if self._loss_hook is not None:
+                self._loss_hook.remove()
             model = self._model_ref()
             if model is not None:
                 _WATCHED.discard(model)
@@ -226,6 +259,7 @@ class Monitor:
     def _flush(self) -> Snapshot | None:
         start = time.perf_counter()
         snapshot = None
+        events: list[Alert] = []
         try:
             data = self._aggregator.flush(self._step, self._in_window)
             snapshot = build_snapshot(
@@ -238,6 +272,8 @@ class Monitor:
             )
             self.history.append(snapshot)
             self._after_window(snapshot)
+            events = self._pending_alerts + self._engine.evaluate(snapshot)
+            self._pending_alerts = []
         except Exception as exc:
             self._record_error("(flush)", exc)
         finally:
@@ -246,7 +282,43 @@ class Monitor:
         if snapshot is not None:
             for runner in self._runners:  # never blocks: each sink has its own thread
                 runner.submit(snapshot)
+            for alert in events:
+                self._dispatch(alert)
         return snapshot
+
+    def _dispatch(self, alert: Alert) -> None:
+        """Record an alert event and carry out its rule's actions."""
+        self.alerts.append(alert)
+        del self.alerts[:-10_000]
+        key = (alert.rule, alert.layer)
+        if alert.state == "firing":
+            self.active_alerts[key] = alert
+        else:
+            self.active_alerts.pop(key, None)
+        for runner in self._runners:
+            runner.submit(alert)
+        actions = alert.actions
+        if "log" in actions:
+            level = {"info": logging.INFO, "warning": logging.WARNING, "critical": logging.ERROR}[
+                alert.severity
+            ]
+            log.log(
+                level if alert.state == "firing" else logging.INFO,
+                "actmon alert: %s",
+                alert.message(),
+            )
+        if alert.state != "firing":
+            return
+        if "callback" in actions:
+            for callback in self._callbacks:
+                try:
+                    callback(alert)
+                except Exception as exc:  # a user callback never breaks the monitor
+                    self._record_error("(alert callback)", exc)
+        if "stop" in actions:
+            self.should_stop = True
+        if "raise" in actions and self._to_raise is None:
+            self._to_raise = alert
 
     def _after_window(self, snapshot: Snapshot) -> None:
         nonfinite = snapshot.first_nonfinite
@@ -312,6 +384,7 @@ def watch(
     config: Any = None,
     *,
     extra_sinks: Iterable[Sink] = (),
+    loss_fn: nn.Module | None = None,
     **overrides: Any,
 ) -> Monitor:
     """Attach actmon to every leaf layer of ``model``.
@@ -321,8 +394,9 @@ def watch(
     ``optimizer`` to get gradient norms after accumulation and update-to-weight ratios.
     The built-in sinks are configured under ``sinks`` (e.g. ``sinks={"prometheus":
     {"enabled": True}}``); ``extra_sinks`` adds objects with ``write(snapshot)``/``close()``.
+    Pass the ``loss_fn`` module to let the model checks look at what the loss receives.
     """
-    return Monitor(model, optimizer, config, extra_sinks=extra_sinks, **overrides)
+    return Monitor(model, optimizer, config, extra_sinks=extra_sinks, loss_fn=loss_fn, **overrides)
 
 
 __all__ = ["Monitor", "watch"]

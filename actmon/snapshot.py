@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from actmon import histogram, stats
 from actmon.aggregate import WindowData
-from actmon.config import Config
 from actmon.kinds import BOUNDED_KINDS, DORMANT_KINDS, SATURATING_KINDS, Kind
+
+if TYPE_CHECKING:  # config imports rules, which import this module
+    from actmon.config import Config
 
 
 @dataclass(frozen=True)

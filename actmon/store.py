@@ -9,6 +9,8 @@ Schema (version 1), long format so new metrics need no migration:
 * ``windows(run, step, first_step, last_step, sampled_steps)``.
 * ``metrics(run, step, layer, metric, value)`` — ``layer`` is ``''`` for run-level metrics.
 * ``histograms(run, step, layer, edges, counts)`` — float64 arrays as bytes.
+* ``alerts(run, step, rule, layer, severity, state, metric, value, op, threshold, first_seen,
+  summary, runbook)`` — every firing and resolved event.
 
 Every window is one transaction in WAL mode, so a process killed at any point leaves a store
 that opens and holds every window committed before the kill.
@@ -53,6 +55,11 @@ CREATE TABLE IF NOT EXISTS histograms (
     run TEXT NOT NULL, step INTEGER NOT NULL, layer TEXT NOT NULL, edges BLOB NOT NULL,
     counts BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS alerts (
+    run TEXT NOT NULL, step INTEGER NOT NULL, rule TEXT NOT NULL, layer TEXT,
+    severity TEXT NOT NULL, state TEXT NOT NULL, metric TEXT NOT NULL, value REAL,
+    op TEXT NOT NULL, threshold REAL, first_seen INTEGER NOT NULL, summary TEXT NOT NULL, runbook TEXT NOT NULL
+);
 """
 
 
@@ -68,6 +75,22 @@ class RunInfo:
     status: str
     config: dict[str, object]
     layers: list[dict[str, object]]
+
+
+@dataclass(frozen=True)
+class StoredAlert:
+    step: int
+    rule: str
+    layer: str | None
+    severity: str
+    state: str
+    metric: str
+    value: float
+    op: str
+    threshold: float
+    first_seen: int
+    summary: str
+    runbook: str
 
 
 @dataclass(frozen=True)
@@ -178,6 +201,16 @@ class RunStore:
         """(step, value) of one metric of one layer (``''``: run-level) across windows."""
         return [(s, v) for s, _, _, v in self.metrics(metric, layer, run)]
 
+    def alerts(self, run: str | None = None) -> list[StoredAlert]:
+        """Every alert event of the run, firing and resolved, in order."""
+        name = self.run(run).run
+        rows = self._query(
+            "SELECT step, rule, layer, severity, state, metric, value, op, threshold, first_seen,"
+            " summary, runbook FROM alerts WHERE run = ? ORDER BY rowid",
+            (name,),
+        )
+        return [_alert_from_row(row) for row in rows]
+
     def histograms(
         self, layer: str, run: str | None = None
     ) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -191,6 +224,23 @@ class RunStore:
             (int(s), np.frombuffer(e, dtype=np.float64), np.frombuffer(c, dtype=np.float64))
             for s, e, c in rows
         ]
+
+
+def _alert_from_row(row: Any) -> StoredAlert:
+    return StoredAlert(
+        int(row[0]),
+        str(row[1]),
+        row[2],
+        str(row[3]),
+        str(row[4]),
+        str(row[5]),
+        math.nan if row[6] is None else float(row[6]),
+        str(row[7]),
+        float(row[8]),
+        int(row[9]),
+        str(row[10]),
+        str(row[11]),
+    )
 
 
 def open(path: str | os.PathLike[str]) -> RunStore:

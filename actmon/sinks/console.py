@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from actmon.rules import Alert
 from actmon.snapshot import LayerStats, Snapshot
 
 
@@ -115,6 +117,11 @@ class ConsoleSink:
         self._printed_last = self._seen % self.every == 0
         if self._printed_last:
             self.console.print(render_table(snapshot, self.worst))
+
+    def write_alert(self, alert: Alert) -> None:
+        colour = {"info": "cyan", "warning": "yellow", "critical": "bold red"}[alert.severity]
+        colour = "green" if alert.state == "resolved" else colour
+        self.console.print(f"[{colour}]actmon alert[/] {escape(alert.message())}")
 
     def close(self) -> None:
         if self._last is not None and not self._printed_last:

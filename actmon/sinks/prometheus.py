@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from actmon.config import PrometheusSinkConfig
 from actmon.errors import ConfigError
+from actmon.rules import Alert
 from actmon.snapshot import LayerStats, Snapshot
 
 log = logging.getLogger("actmon")
@@ -96,6 +97,8 @@ class PrometheusSink:
         self._latest: Snapshot | None = None
         self._nonfinite: dict[tuple[str, str, str, str], float] = {}  # (layer, kind, tensor, value)
         self._kinds: dict[str, str] = {}
+        self._alerts_total: dict[tuple[str, str], float] = {}  # (rule, severity) -> firings
+        self._alert_active: dict[tuple[str, str, str], float] = {}  # (rule, layer, severity)
         self._said_bounded = False
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -151,6 +154,14 @@ class PrometheusSink:
         if self.config.mode == "pushgateway":
             self.push()
 
+    def write_alert(self, alert: Alert) -> None:
+        key = (alert.rule, alert.layer or "", alert.severity)
+        with self._lock:
+            if alert.state == "firing":
+                total = (alert.rule, alert.severity)
+                self._alerts_total[total] = self._alerts_total.get(total, 0.0) + 1
+            self._alert_active[key] = 1.0 if alert.state == "firing" else 0.0
+
     def push(self) -> None:
         push_to_gateway(
             self.config.pushgateway_url,
@@ -193,6 +204,8 @@ class PrometheusSink:
         with self._lock:
             snap = self._latest
             nonfinite = dict(self._nonfinite)
+            alerts_total = dict(self._alerts_total)
+            alert_active = dict(self._alert_active)
         if snap is None:
             return []
         run = self.run
@@ -236,6 +249,21 @@ class PrometheusSink:
             nf.add_metric([run, OTHER, "mixed", tensor, which], count)
         out.append(nf)
         out.extend(self._run_families(snap))
+        fired = CounterMetricFamily(
+            "actmon_alerts",
+            "Alerts fired, by rule and severity.",
+            labels=["run", "rule", "severity"],
+        )
+        for (rule, severity), count in sorted(alerts_total.items()):
+            fired.add_metric([run, rule, severity], count)
+        active = GaugeMetricFamily(
+            "actmon_alert_active",
+            "1 while an alert holds, 0 once resolved.",
+            labels=["run", "rule", "layer", "severity"],
+        )
+        for (rule, layer, severity), value in sorted(alert_active.items()):
+            active.add_metric([run, rule, layer, severity], value)
+        out.extend([fired, active])
         return out
 
     def _run_families(self, snap: Snapshot) -> list[Metric]:

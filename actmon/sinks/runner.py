@@ -13,6 +13,7 @@ import queue
 import threading
 from collections.abc import Callable
 
+from actmon.rules import Alert
 from actmon.sinks import Sink
 from actmon.snapshot import Snapshot
 
@@ -47,12 +48,12 @@ class SinkRunner:
         self._thread = threading.Thread(target=self._run, name=f"actmon-sink-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, snapshot: Snapshot) -> None:
-        """Hand a snapshot over without blocking; drop (and count) it when the queue is full."""
-        if self._closed:
+    def submit(self, item: Snapshot | Alert) -> None:
+        """Hand a snapshot or alert over without blocking; drop (and count) it when full."""
+        if self._closed or (isinstance(item, Alert) and not hasattr(self.sink, "write_alert")):
             return
         try:
-            self._queue.put_nowait(snapshot)
+            self._queue.put_nowait(item)
         except queue.Full:
             self.dropped += 1
             if self.dropped == 1:
@@ -79,18 +80,21 @@ class SinkRunner:
             item = self._queue.get()
             if item is _STOP:
                 break
-            assert isinstance(item, Snapshot)
+            assert isinstance(item, (Snapshot, Alert))
             self._deliver(item)
         try:
             self.sink.close()  # on this thread: sinks may hold thread-bound handles (sqlite)
         except Exception as exc:
             self._on_error(self.name, exc)
 
-    def _deliver(self, snapshot: Snapshot) -> None:
+    def _deliver(self, item: Snapshot | Alert) -> None:
         delay = self._backoff
         for attempt in range(self._retries + 1):
             try:
-                self.sink.write(snapshot)
+                if isinstance(item, Alert):
+                    self.sink.write_alert(item)  # type: ignore[attr-defined]
+                    return
+                self.sink.write(item)
                 self.delivered += 1
                 return
             except Exception as exc:

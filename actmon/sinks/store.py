@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from actmon.rules import Alert
 from actmon.snapshot import LayerInfo, Snapshot
 from actmon.store import SCHEMA, SCHEMA_VERSION
 
@@ -44,7 +45,7 @@ class StoreSink:
                     "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
                 )
-                for table in ("layers", "windows", "metrics", "histograms"):  # a re-run replaces
+                for table in ("layers", "windows", "metrics", "histograms", "alerts"):  # re-run
                     db.execute(f"DELETE FROM {table} WHERE run = ?", (self.run,))
                 db.execute(
                     "INSERT OR REPLACE INTO runs VALUES (?, ?, NULL, 'running', ?, '[]')",
@@ -110,6 +111,28 @@ class StoreSink:
                 [(r, s, la, m, None if v != v else v) for r, s, la, m, v in rows],
             )
             db.executemany("INSERT INTO histograms VALUES (?, ?, ?, ?, ?)", hists)
+
+    def write_alert(self, alert: Alert) -> None:
+        db = self._connect()
+        with db:
+            db.execute(
+                "INSERT INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self.run,
+                    alert.step,
+                    alert.rule,
+                    alert.layer,
+                    alert.severity,
+                    alert.state,
+                    alert.metric,
+                    alert.value if alert.value == alert.value else None,
+                    alert.op,
+                    alert.threshold,
+                    alert.first_seen,
+                    alert.summary,
+                    alert.runbook,
+                ),
+            )
 
     def close(self) -> None:
         db = self._connect()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from actmon.rules import Alert
 from actmon.snapshot import LayerStats, Snapshot
 
 
@@ -55,6 +56,9 @@ class TensorBoardSink:
             bucket_counts=counts[lo:hi].tolist(),
             global_step=step,
         )
+
+    def write_alert(self, alert: Alert) -> None:
+        self._writer.add_text("actmon/alerts", alert.message(), alert.step)
 
     def close(self) -> None:
         self._writer.flush()

@@ -1,0 +1,125 @@
+"""Export rules as Prometheus alerting rules, so Alertmanager raises the same alerts.
+
+Each threshold rule becomes a PromQL expression over the exported ``actmon_*`` metrics; ``for:``
+is ``for_steps`` times the seconds per training step, and at least one scrape interval.
+Rules with no PromQL equivalent are returned as skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import yaml
+
+from actmon.config import Config
+from actmon.rules import Rule
+
+# Per-layer metric -> (Prometheus metric, extra label matchers).
+_LAYER_METRICS = {
+    "dead_fraction": "actmon_dead_fraction",
+    "dormant_fraction": "actmon_dormant_fraction",
+    "zero_fraction": "actmon_zero_fraction",
+    "saturation_fraction": "actmon_saturation_fraction",
+    "mean": "actmon_activation_mean",
+    "std": "actmon_activation_std",
+    "abs_max": "actmon_activation_abs_max",
+    "softmax_max_prob": "actmon_softmax_max_prob",
+    "softmax_entropy": "actmon_softmax_entropy",
+    "grad_norm": "actmon_grad_norm",
+    "output_grad_norm": "actmon_output_grad_norm",
+    "update_ratio": "actmon_update_ratio",
+    "weight_norm": "actmon_weight_norm",
+}
+_RUN_METRICS = {
+    "loss": "actmon_loss",
+    "grad_norm_total": "actmon_grad_norm_total",
+    "nonfinite_count": "sum by (run) (increase(actmon_nonfinite_total[{range}]))",
+    "grad_norm_spike": (
+        "actmon_grad_norm_total / quantile_over_time(0.5, actmon_grad_norm_total[1h] offset"
+        " {range})"
+    ),
+    "loss_spike": "actmon_loss / quantile_over_time(0.5, actmon_loss[1h] offset {range})",
+}
+
+
+def glob_to_re2(glob: str) -> str:
+    """An fnmatch glob as an RE2 pattern (Prometheus anchors label regexes itself)."""
+    out = []
+    for ch in glob:
+        out.append(".*" if ch == "*" else "." if ch == "?" else re.escape(ch))
+    return "".join(out)
+
+
+def _duration(seconds: float) -> str:
+    seconds = math.ceil(seconds)
+    return f"{seconds}s"
+
+
+def export_rules(
+    config: Config, step_seconds: float, scrape_interval: float
+) -> tuple[dict[str, object], list[tuple[str, str]]]:
+    """(the Prometheus rule file as a dict, [(rule, reason skipped)])."""
+    alerts: list[dict[str, object]] = []
+    skipped: list[tuple[str, str]] = []
+    lookback = _duration(max(4 * scrape_interval, 60))
+    for rule in config.rules:
+        expr = _expr(rule, lookback)
+        if expr is None:
+            skipped.append((rule.name, _why(rule)))
+            continue
+        entry: dict[str, object] = {
+            "alert": f"actmon_{rule.name}",
+            "expr": expr,
+            "labels": {"severity": rule.severity},
+            "annotations": {
+                "summary": rule.summary or f"{rule.metric} {rule.op} {rule.threshold:g}",
+                "description": f"run {{{{ $labels.run }}}} layer {{{{ $labels.layer }}}}:"
+                f" {rule.metric} {rule.op} {rule.threshold:g}",
+                "runbook": rule.runbook,
+            },
+        }
+        if rule.for_steps:
+            entry["for"] = _duration(max(rule.for_steps * step_seconds, scrape_interval))
+        alerts.append(entry)
+    skipped.extend(
+        (name, "a model check at attach time, not a threshold on a metric")
+        for name in ("double_softmax", "saturating_hidden_stack", "init_mismatch")
+        if config.checks
+    )
+    return {"groups": [{"name": "actmon", "rules": alerts}]}, skipped
+
+
+def _expr(rule: Rule, lookback: str) -> str | None:
+    threshold = f"{rule.threshold:g}"
+    step_guard = f" and on(run) actmon_step >= {rule.warmup_steps}" if rule.warmup_steps else ""
+    if rule.metric in _RUN_METRICS:
+        metric = _RUN_METRICS[rule.metric].format(range=lookback)
+        return f"({metric}) {rule.op} {threshold}{step_guard}"
+    name = _LAYER_METRICS.get(rule.metric)
+    matchers = []
+    if rule.metric.startswith("quantile_"):
+        name = "actmon_activation_quantile"
+        matchers.append(f'quantile="{rule.metric.removeprefix("quantile_")}"')
+    if name is None or rule.layers.hidden_only:
+        return None
+    globs = rule.layers.globs
+    if globs != ["*"]:
+        matchers.append(f'layer=~"{"|".join(glob_to_re2(g) for g in globs)}"')
+    if rule.layers.kinds:  # by default the exporter only emits the metric where it applies
+        matchers.append(f'kind=~"{"|".join(k.value for k in rule.layers.kinds)}"')
+    selector = f"{name}{{{', '.join(matchers)}}}" if matchers else name
+    return f"{selector} {rule.op} {threshold}{step_guard}"
+
+
+def _why(rule: Rule) -> str:
+    if rule.layers.hidden_only:
+        return "'hidden_only' needs the model's layer order, which Prometheus does not have"
+    return f"metric {rule.metric!r} is not exported to Prometheus"
+
+
+def export_yaml(
+    config: Config, step_seconds: float, scrape_interval: float
+) -> tuple[str, list[tuple[str, str]]]:
+    doc, skipped = export_rules(config, step_seconds, scrape_interval)
+    return yaml.safe_dump(doc, sort_keys=False, width=100), skipped
