@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS histograms (
 CREATE TABLE IF NOT EXISTS alerts (
     run TEXT NOT NULL, step INTEGER NOT NULL, rule TEXT NOT NULL, layer TEXT,
     severity TEXT NOT NULL, state TEXT NOT NULL, metric TEXT NOT NULL, value REAL,
-    op TEXT NOT NULL, threshold REAL, first_seen INTEGER NOT NULL, summary TEXT NOT NULL, runbook TEXT NOT NULL
+    op TEXT NOT NULL, threshold REAL, first_seen INTEGER NOT NULL, summary TEXT NOT NULL,
+    runbook TEXT NOT NULL
 );
 """
 
