@@ -68,3 +68,22 @@ def test_scalars_and_histograms_read_back_equal_the_snapshots(tmp_path):
         assert value.num == layer.count
         assert value.min == pytest.approx(layer.min)
         assert value.max == pytest.approx(layer.max)
+
+
+def test_alerts_are_written_as_text_summaries(tmp_path):
+    from tests.test_monitor import NaNAt
+
+    log_dir = tmp_path / "tb"
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), NaNAt(step=3), nn.Linear(8, 2))
+    sinks = {"store": {"enabled": False}, "tensorboard": {"enabled": True, "log_dir": str(log_dir)}}
+    with actmon.watch(model, log_every=3, sample_every=1, sinks=sinks) as monitor:
+        for _ in range(3):
+            model(torch.randn(4, 6)).sum().backward()
+            monitor.step()
+    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    texts = [(e.step, e.tensor_proto.string_val[0].decode()) for e in
+             acc.Tensors("actmon/alerts/text_summary")]
+    expected = [(a.step, a.message()) for a in monitor.alerts]
+    assert expected
+    assert texts == expected

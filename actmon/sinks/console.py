@@ -108,6 +108,7 @@ class ConsoleSink:
         self.worst = worst
         self.console = console or Console()
         self._seen = 0
+        self._active: dict[tuple[str, str | None], Alert] = {}
         self._last: Snapshot | None = None
         self._printed_last = False
 
@@ -116,14 +117,24 @@ class ConsoleSink:
         self._last = snapshot
         self._printed_last = self._seen % self.every == 0
         if self._printed_last:
-            self.console.print(render_table(snapshot, self.worst))
+            self._print(snapshot)
+
+    def _print(self, snapshot: Snapshot) -> None:
+        self.console.print(render_table(snapshot, self.worst))
+        for alert in self._active.values():
+            self.console.print(f"  active: {escape(alert.message())}")
 
     def write_alert(self, alert: Alert) -> None:
+        key = (alert.rule, alert.layer)
+        if alert.state == "firing":
+            self._active[key] = alert
+        else:
+            self._active.pop(key, None)
         colour = {"info": "cyan", "warning": "yellow", "critical": "bold red"}[alert.severity]
         colour = "green" if alert.state == "resolved" else colour
         self.console.print(f"[{colour}]actmon alert[/] {escape(alert.message())}")
 
     def close(self) -> None:
         if self._last is not None and not self._printed_last:
-            self.console.print(render_table(self._last, self.worst))
+            self._print(self._last)
         self._printed_last = True
