@@ -59,8 +59,8 @@ def test_conv_bn_inplace_relu_reads_bn_output_before_the_relu_overwrites_it():
     assert monitor.internal_errors_total == 0
 
 
-@pytest.fixture
-def tiny_gpt2():
+def make_tiny_gpt2() -> nn.Module:
+    """A 2-layer GPT-2 built from a config (no download): width 32, vocabulary 100."""
     transformers = pytest.importorskip("transformers")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     config = transformers.GPT2Config(
@@ -73,6 +73,11 @@ def tiny_gpt2():
         eos_token_id=0,
     )
     return transformers.GPT2LMHeadModel(config)
+
+
+@pytest.fixture
+def tiny_gpt2() -> nn.Module:
+    return make_tiny_gpt2()
 
 
 def test_hugging_face_gpt2_trains_under_the_monitor(tiny_gpt2):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -11,7 +9,7 @@ from torch import nn
 
 import actmon
 from actmon import store
-from tests.test_models import conv_net
+from tests.test_models import conv_net, make_tiny_gpt2
 from tests.test_monitor import NaNAt
 
 NO_STORE = {"store": {"enabled": False}}
@@ -176,19 +174,7 @@ def test_healthy_conv_net_and_gpt2_fire_nothing():
             opt.zero_grad()
             monitor.step(loss=loss)
     assert monitor.alerts == []
-    transformers = pytest.importorskip("transformers")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    gpt = transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(
-            n_layer=2,
-            n_embd=32,
-            n_head=2,
-            vocab_size=100,
-            n_positions=16,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    )
+    gpt = make_tiny_gpt2()
     opt = torch.optim.AdamW(gpt.parameters(), lr=1e-4)
     with actmon.watch(gpt, optimizer=opt, sinks=NO_STORE) as monitor:
         for _ in range(40):
