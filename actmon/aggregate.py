@@ -133,6 +133,7 @@ class Aggregator:
         self._grad_layers_this_step: set[int] = set()
         self._layers_this_step: set[int] = set()
         self._call_nonfinite: list[tuple[int, list[int], Tensor]] = []
+        self._step_values: list[tuple[Tensor | None, Tensor | None]] = []  # per step
         self.host = HostCounts.zeros(n_layers, n_params)
         self.sampled_steps: list[int] = []
         self.first_step: int | None = None
@@ -158,7 +159,7 @@ class Aggregator:
         self.grad_max = torch.full((L, 2), _NEG_INF, dtype=f32, device=device)
         self.grad_hist = torch.zeros(L, stats.SYMLOG_BINS, dtype=i64, device=device)
         self.param_sq = torch.zeros(P, 3, dtype=f64, device=device)
-        self.sentinel = torch.full((self.log_every, 2), float("nan"), dtype=f32, device=device)
+        self._nan = torch.full((), float("nan"), dtype=f32, device=device)
         self.nonfinite_bins = torch.tensor(stats.NONFINITE_BINS, dtype=i64, device=device)
         self.fwd = _Slots({"sums": (4, f32), "maxes": (2, f32), "counts": (2, torch.int32)}, device)
         self.bwd = _Slots({"sums": (len(stats.GRAD_SUM_FIELDS), f32), "maxes": (2, f32)}, device)
@@ -241,9 +242,30 @@ class Aggregator:
         if update_norms is not None:
             self.host.update_steps[positions] += 1
 
-    def record_sentinel(self, position: int, column: int, value: Tensor) -> None:
-        """Every step: the loss (column 0) or total gradient norm (column 1), no host read."""
-        self.sentinel[position, column].copy_(value.detach())
+    def record_sentinel(self, loss: Tensor | None, grad_norm_total: Tensor | None) -> None:
+        """Every step: keep the loss and total gradient norm (device scalars, no host read).
+
+        They are stacked once per window at the flush, so a step costs no device op here.
+        """
+        self._step_values.append(
+            (
+                None if loss is None else loss.detach(),
+                None if grad_norm_total is None else grad_norm_total.detach(),
+            )
+        )
+        self.host.loss_given.append(loss is not None)
+        self.host.grad_given.append(grad_norm_total is not None)
+
+    def _sentinel(self) -> Tensor:
+        """(steps, 2) float32: loss and total gradient norm per step, NaN where not given."""
+        values = [
+            self._nan if v is None else v.reshape(()).to(self.device, torch.float32)
+            for pair in self._step_values
+            for v in pair
+        ]
+        if not values:
+            return torch.zeros(0, 2, dtype=torch.float32, device=self.device)
+        return torch.stack(values).view(-1, 2)
 
     # ---- per step ------------------------------------------------------------------------
     def end_step(self, step: int, sampled: bool) -> None:
@@ -344,7 +366,7 @@ class Aggregator:
                 self.grad_max,
                 self.grad_hist,
                 self.param_sq,
-                self.sentinel[:steps_in_window],
+                self._sentinel(),
                 *nonfinite,
             ]
             packed = torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
@@ -411,8 +433,8 @@ class Aggregator:
                 t.zero_()
             for t in (self.act_max, self.unit_max, self.grad_max):
                 t.fill_(_NEG_INF)
-            self.sentinel.fill_(float("nan"))
         self._call_nonfinite = []
+        self._step_values = []
         self.host = HostCounts.zeros(self.n_layers, self.n_params)
         self.sampled_steps = []
         self.first_step = None

@@ -171,6 +171,7 @@ class Attacher:
         self._pending_no_opt: tuple[list[int], Tensor] | None = None
         self._callback_queued = False
         self._param_index_cache: dict[tuple[int, ...], Tensor] = {}
+        self._optimizer_cache: dict[tuple[int, int, int], list[tuple[int, Tensor]]] = {}
         for layer in layers:
             self._handles.append(layer.module.register_forward_hook(self._make_forward_hook(layer)))
         # Parameter hooks run every step: the gradient-norm sentinel needs them even when
@@ -307,20 +308,32 @@ class Attacher:
     def _optimizer_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         start = time.perf_counter()
         try:
-            positions = []
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    pos = self._param_position.get(id(p))
-                    if pos is not None and p.grad is not None:
-                        positions.append(pos)
-            if positions:
-                params = [self._params[i] for i in positions]
-                norms = torch.stack(torch._foreach_norm([p.grad for p in params]))  # type: ignore[misc]
+            watched = self._optimizer_params(optimizer)
+            with_grad = [(pos, p.grad) for pos, p in watched if p.grad is not None]
+            if with_grad:
+                positions = [pos for pos, _ in with_grad]
+                norms = torch.stack(torch._foreach_norm([g for _, g in with_grad]))
                 self._take_param_norms(positions, norms, measure_update=True)
         except Exception as exc:
             self._fail(None, exc)
         finally:
             self.overhead_seconds += time.perf_counter() - start
+
+    def _optimizer_params(self, optimizer: torch.optim.Optimizer) -> list[tuple[int, Tensor]]:
+        """(position, parameter) of the watched parameters an optimizer steps; cached until its
+        param_groups change (add_param_group)."""
+        groups = optimizer.param_groups
+        key = (id(optimizer), len(groups), sum(len(g["params"]) for g in groups))
+        cached = self._optimizer_cache.get(key)
+        if cached is None:
+            cached = [
+                (pos, p)
+                for group in groups
+                for p in group["params"]
+                if (pos := self._param_position.get(id(p))) is not None
+            ]
+            self._optimizer_cache[key] = cached
+        return cached
 
     def _optimizer_post_hook(
         self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any

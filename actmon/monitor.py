@@ -239,9 +239,8 @@ class Monitor:
 
     def _record_step(self, loss: Tensor | float | None) -> None:
         agg = self._aggregator
-        host = agg.host
-        position = self._in_window
         total = self._attacher.end_step()
+        loss_t = None
         if loss is not None:
             loss_t = loss if isinstance(loss, Tensor) else torch.tensor(float(loss))
             if loss_t.numel() != 1:
@@ -249,11 +248,7 @@ class Monitor:
                     f"step(loss=...) needs a scalar loss, got shape {tuple(loss_t.shape)}"
                 )
             agg.ensure_device(loss_t.device)
-            agg.record_sentinel(position, 0, loss_t.reshape(()).to(agg.device, torch.float32))
-        host.loss_given.append(loss is not None)
-        if total is not None:
-            agg.record_sentinel(position, 1, total.float())
-        host.grad_given.append(total is not None)
+        agg.record_sentinel(loss_t, total)
         agg.end_step(self._step + 1, self._attacher.sampling)
 
     def _flush(self) -> Snapshot | None:
