@@ -13,6 +13,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -82,8 +83,17 @@ class Monitor:
             len(self._layers), n_params, self.config.histogram.linear_bins, self.config.log_every
         )
         self._model_ref = weakref.ref(model)
-        # Sinks first: a sink that cannot start (a port in use with port_in_use="error") fails
-        # watch() before any hook touches the model.
+        # Rules are validated first, then sinks start, then hooks attach: a rule naming an
+        # unknown metric or no layer, or a sink that cannot start (a port in use with
+        # port_in_use="error"), fails watch() before anything touches the model.
+        self._engine = RuleEngine(list(self.config.rules), self.layers, self.config.quantiles)
+        self.alerts: list[Alert] = []  # every event, firing and resolved (the last 10,000)
+        self.active_alerts: dict[tuple[str, str | None], Alert] = {}
+        self.should_stop = False  # set by a rule with the "stop" action
+        self._callbacks: list[Callable[[Alert], None]] = []
+        self._pending_alerts: list[Alert] = []
+        self._to_raise: Alert | None = None
+        self._loss_hook = None
         self._runners: list[SinkRunner] = []
         named = build_sinks(self.config, self.run, lambda: self.layers, self._record_sink_error)
         named += [(type(sink).__name__, sink) for sink in self._user_sinks]
@@ -92,21 +102,6 @@ class Monitor:
         self._attacher = Attacher(
             model, self._layers, self._aggregator, self.config, optimizers, self._record_error
         )
-        # Rules: validated now, so a rule naming an unknown metric or no layer fails watch().
-        self.alerts: list[Alert] = []  # every event, firing and resolved (the last 10,000)
-        self.active_alerts: dict[tuple[str, str | None], Alert] = {}
-        self.should_stop = False  # set by a rule with the "stop" action
-        self._callbacks: list[Callable[[Alert], None]] = []
-        self._pending_alerts: list[Alert] = []
-        self._to_raise: Alert | None = None
-        self._loss_hook = None
-        try:
-            self._engine = RuleEngine(list(self.config.rules), self.layers, self.config.quantiles)
-        except Exception:
-            self._attacher.remove()
-            for runner in self._runners:
-                runner.close()
-            raise
         if self.config.checks:
             self._pending_alerts.extend(attach_checks(model, loss_fn is not None))
             if loss_fn is not None:
@@ -265,6 +260,11 @@ class Monitor:
                 self.config,
                 self._aggregator.unit_offsets,
             )
+            with self._errors_lock:
+                errors = dict(self.errors)
+            snapshot = replace(
+                snapshot, overhead_seconds_total=self.overhead_seconds_total, internal_errors=errors
+            )
             self.history.append(snapshot)
             self._after_window(snapshot)
             events = self._pending_alerts + self._engine.evaluate(snapshot)
@@ -357,8 +357,9 @@ class Monitor:
             if isinstance(exc, HookError):
                 raise exc
             raise HookError(f"{where}: {type(exc).__name__}: {exc}") from exc
-        self.errors[where] = self.errors.get(where, 0) + 1
-        self.internal_errors_total += 1
+        with self._errors_lock:  # hooks may run on autograd's threads
+            self.errors[where] = self.errors.get(where, 0) + 1
+            self.internal_errors_total += 1
         self._log_once(
             where, f"actmon: {where} skipped after an error: {type(exc).__name__}: {exc}"
         )

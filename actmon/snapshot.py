@@ -103,11 +103,18 @@ class LayerStats:
     update_ratio: float | None = None  # ||delta w|| / ||w||
 
     def metrics(self) -> dict[str, float]:
-        """Every numeric metric that applies to this layer, by its exported name."""
+        """Every numeric metric that applies to this layer, by its exported name.
+
+        Computed once and cached: rules and every sink read it (do not mutate the result).
+        """
+        cached = self.__dict__.get("_metrics")
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]
         out = {name: float(v) for name in LAYER_METRICS if (v := getattr(self, name)) is not None}
         out["abs_max"] = max(abs(self.min), abs(self.max))
         for q, value in self.quantiles.items():
             out[f"quantile_{q:g}"] = value
+        self.__dict__["_metrics"] = out  # frozen dataclass: cache beside the fields
         return out
 
     @property
