@@ -57,6 +57,80 @@ def validate(path: str) -> None:
     click.echo(cfg.model_dump_json(indent=2))
 
 
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.option(
+    "--store",
+    "store_path",
+    type=click.Path(dir_okay=False),
+    help="The run store to judge (omit when running a command after --).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="An actmon config: its gate: section, and for a command its whole config.",
+)
+@click.option("--run", "run_name", help="The run to judge when the store holds several.")
+@click.option(
+    "--baseline",
+    type=click.Path(dir_okay=False),
+    help="A good run's store: fail when a layer got worse than it by the tolerance.",
+)
+@click.option("--max-dead", type=click.FloatRange(0, 1), help="Largest dead_fraction allowed.")
+@click.option(
+    "--max-saturated", type=click.FloatRange(0, 1), help="Largest saturation_fraction allowed."
+)
+@click.option(
+    "--no-nonfinite/--allow-nonfinite",
+    "no_nonfinite",
+    default=None,
+    help="Fail on any NaN/Inf in the run (the default), or allow them.",
+)
+@click.option(
+    "--layer",
+    "layer_limits",
+    multiple=True,
+    metavar="GLOB=KIND:MAX",
+    help="Per-layer limit, e.g. 'encoder.*=dead:0.5' (KIND: dead or saturated).",
+)
+@click.option("--junit", type=click.Path(dir_okay=False), help="Write a JUnit XML report.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def gate(
+    store_path: str | None,
+    config_path: str | None,
+    run_name: str | None,
+    baseline: str | None,
+    max_dead: float | None,
+    max_saturated: float | None,
+    no_nonfinite: bool | None,
+    layer_limits: tuple[str, ...],
+    junit: str | None,
+    command: tuple[str, ...],
+) -> None:
+    """Exit 1 when a finished run crossed a health threshold (0: pass, 2: usage/store error).
+
+    \b
+    actmon gate --store runs/x/actmon.db [--config configs/ci-gate.yaml]
+    actmon gate --config configs/ci-gate.yaml -- python train.py ...
+    """
+    from actmon.gate_cli import run_gate
+
+    sys.exit(
+        run_gate(
+            store_path,
+            config_path,
+            run_name,
+            baseline,
+            max_dead,
+            max_saturated,
+            no_nonfinite,
+            layer_limits,
+            junit,
+            command,
+        )
+    )
+
+
 @main.group()
 def rules() -> None:
     """Work with alert rules."""

@@ -115,6 +115,23 @@ class SinksConfig(_Strict):
     backoff_seconds: float = Field(0.5, gt=0)  # first back-off; doubles up to 30 s
 
 
+class GateLayerLimits(_Strict):
+    """Per-layer overrides of the gate's limits."""
+
+    dead: float | None = Field(None, ge=0, le=1)
+    saturated: float | None = Field(None, ge=0, le=1)
+
+
+class GateConfig(_Strict):
+    """What ``actmon gate`` allows in a finished run (the final window of each layer)."""
+
+    max_dead: float | None = Field(0.3, ge=0, le=1)  # dead_fraction per ReLU-family layer
+    max_saturated: float | None = Field(0.5, ge=0, le=1)  # saturation_fraction per layer
+    allow_nonfinite: bool = False  # any NaN/Inf anywhere in the run fails the gate
+    per_layer: dict[str, GateLayerLimits] = Field(default_factory=dict)  # glob -> limits
+    baseline_tolerance: float = Field(0.05, ge=0)  # --baseline: allowed rise per layer
+
+
 class Config(_Strict):
     """Everything a monitor can be told. Defaults are chosen to stay on during real training."""
 
@@ -139,6 +156,7 @@ class Config(_Strict):
     # given in a file or override replaces the default pack.
     rules: list[Rule] = Field(default_factory=lambda: [r.model_copy() for r in DEFAULT_RULES])
     checks: bool = True  # model checks at attach / first loss call (double softmax, init, ...)
+    gate: GateConfig = Field(default_factory=GateConfig)  # read by `actmon gate` only
     skip_no_grad: bool = True  # forwards under torch.no_grad() (evaluation) are not recorded
     escalate_on_nonfinite: bool = True  # sample every step after a window saw a non-finite loss
     history: int = Field(100, ge=1)  # snapshots kept in ``monitor.history``

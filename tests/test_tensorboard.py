@@ -82,8 +82,10 @@ def test_alerts_are_written_as_text_summaries(tmp_path):
             monitor.step()
     acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
     acc.Reload()
-    texts = [(e.step, e.tensor_proto.string_val[0].decode()) for e in
-             acc.Tensors("actmon/alerts/text_summary")]
+    texts = [
+        (e.step, e.tensor_proto.string_val[0].decode())
+        for e in acc.Tensors("actmon/alerts/text_summary")
+    ]
     expected = [(a.step, a.message()) for a in monitor.alerts]
     assert expected
     assert texts == expected
