@@ -80,7 +80,8 @@ def evaluate(db: RunStore, thresholds: Thresholds, baseline: RunStore | None = N
                         allowed,
                         step,
                         value <= allowed,
-                        f"baseline {base[layer][1]:.4g} + tolerance {thresholds.baseline_tolerance:g}",
+                        f"baseline {base[layer][1]:.4g}"
+                        f" + tolerance {thresholds.baseline_tolerance:g}",
                     )
                 )
     if not thresholds.allow_nonfinite:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 import yaml
@@ -84,7 +85,7 @@ def run_gate(
 
 def _run_command(command: tuple[str, ...], config_path: str | None, store: Path) -> int:
     """Run the training command with ACTMON_CONFIG = the gate's config + a fresh store path."""
-    data = {}
+    data: dict[str, Any] = {}
     if config_path:
         data = yaml.safe_load(Path(config_path).read_text()) or {}
     sinks = data.setdefault("sinks", {})
