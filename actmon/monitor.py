@@ -58,13 +58,16 @@ class Monitor:
         self.run = self.config.run_name or datetime.now(timezone.utc).strftime(
             "actmon-%Y%m%d-%H%M%S"
         )
-        optimizers = (
-            []
-            if optimizer is None
-            else [optimizer]
-            if isinstance(optimizer, torch.optim.Optimizer)
-            else list(optimizer)
-        )
+        optimizers = [
+            _unwrap(opt)
+            for opt in (
+                []
+                if optimizer is None
+                else [optimizer]
+                if isinstance(optimizer, torch.optim.Optimizer)
+                else list(optimizer)
+            )
+        ]
         self._layers: list[Layer] = select_layers(model, self.config)
         self.errors: dict[str, int] = {}  # contained failures by where (layer, "sink:<name>")
         self._errors_lock = threading.Lock()  # sinks report from their own threads
@@ -368,6 +371,14 @@ class Monitor:
         if key not in self._logged:
             self._logged.add(key)
             log.warning(message)
+
+
+def _unwrap(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside a framework's wrapper (accelerate's AcceleratedOptimizer,
+    Lightning's LightningOptimizer), whose step hooks are the ones that fire."""
+    while not hasattr(optimizer, "_optimizer_step_pre_hooks") and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def _has_layer(nonfinite: NonFinite | None) -> bool:

@@ -1,0 +1,1 @@
+"""Adapters for training frameworks: thin layers over the framework-free Monitor."""

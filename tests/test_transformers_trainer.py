@@ -1,0 +1,61 @@
+"""A Hugging Face Trainer on a tiny GPT-2 built from a config, with the ActmonCallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate")
+transformers = pytest.importorskip("transformers")
+
+from actmon.integrations.transformers import ActmonCallback  # noqa: E402
+from tests.test_models import make_tiny_gpt2  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 16) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 100, (n, 16), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_trainer_steps_are_optimizer_steps(tmp_path):
+    model = make_tiny_gpt2()
+    callback = ActmonCallback(log_every=2, sample_every=1, sinks={"store": {"enabled": False}})
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=100,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=Tokens(), callbacks=[callback]
+    )
+    trainer.train()
+    monitor = callback.monitor
+    assert monitor is not None
+    assert monitor.step_count == trainer.state.global_step == 4
+    snap = monitor.snapshot()
+    assert snap.window == (3, 4)
+    assert snap.layers["transformer.h.0.mlp.act"].calls == 4  # 2 steps x 2 micro-batches
+    assert snap.grad_norm_total is not None
+    assert snap.grad_norm_total > 0
+    assert monitor.internal_errors_total == 0
+    assert not any(m._forward_hooks for m in model.modules())  # closed at train end
