@@ -90,6 +90,7 @@ def test_healthy_module_trains_and_the_store_and_tensorboard_hold_its_windows(tm
     assert "actmon/dead_fraction/net.1" in scalars  # our event file, in Lightning's directory
     assert "actmon/loss" in scalars
     assert "val_loss" in scalars  # Lightning's own
+    assert "actmon_grad_norm_total" in trainer.callback_metrics  # logged through the module
 
 
 def test_a_stop_rule_stops_a_dying_relu_module_at_the_right_step(tmp_path):
@@ -126,3 +127,19 @@ def test_bad_config_fails_in_init():
 
     with pytest.raises(actmon.ConfigError, match="field 'log_every'"):
         ActmonCallback(log_every=0)
+
+
+def test_a_raise_rule_ends_fit_with_a_clear_error(tmp_path):
+    import actmon
+
+    rule = {"name": "dead", "metric": "dead_fraction", "op": ">", "threshold": 0.5,
+            "severity": "critical", "actions": ["raise"]}
+    path = tmp_path / "run.db"
+    callback = ActmonCallback(log_every=2, sample_every=1, rules=[rule],
+                              sinks={"store": {"path": str(path)}})
+    trainer = _trainer(tmp_path, callback)
+    with pytest.raises(actmon.AlertError, match=r"\[critical\] dead layer 'net.1'"):
+        trainer.fit(Net(dead_bias=-100.0), _loader())
+    assert trainer.global_step == 2
+    with store.open(path) as db:
+        assert db.run().status == "failed"  # closed by on_exception
