@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -95,18 +96,7 @@ def validate(path: str) -> None:
 )
 @click.option("--junit", type=click.Path(dir_okay=False), help="Write a JUnit XML report.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def gate(
-    store_path: str | None,
-    config_path: str | None,
-    run_name: str | None,
-    baseline: str | None,
-    max_dead: float | None,
-    max_saturated: float | None,
-    no_nonfinite: bool | None,
-    layer_limits: tuple[str, ...],
-    junit: str | None,
-    command: tuple[str, ...],
-) -> None:
+def gate(**options: Any) -> None:
     """Exit 1 when a finished run crossed a health threshold (0: pass, 2: usage/store error).
 
     \b
@@ -115,20 +105,7 @@ def gate(
     """
     from actmon.gate_cli import run_gate
 
-    sys.exit(
-        run_gate(
-            store_path,
-            config_path,
-            run_name,
-            baseline,
-            max_dead,
-            max_saturated,
-            no_nonfinite,
-            layer_limits,
-            junit,
-            command,
-        )
-    )
+    sys.exit(run_gate(**options))
 
 
 @main.group()
