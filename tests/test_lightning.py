@@ -132,11 +132,18 @@ def test_bad_config_fails_in_init():
 def test_a_raise_rule_ends_fit_with_a_clear_error(tmp_path):
     import actmon
 
-    rule = {"name": "dead", "metric": "dead_fraction", "op": ">", "threshold": 0.5,
-            "severity": "critical", "actions": ["raise"]}
+    rule = {
+        "name": "dead",
+        "metric": "dead_fraction",
+        "op": ">",
+        "threshold": 0.5,
+        "severity": "critical",
+        "actions": ["raise"],
+    }
     path = tmp_path / "run.db"
-    callback = ActmonCallback(log_every=2, sample_every=1, rules=[rule],
-                              sinks={"store": {"path": str(path)}})
+    callback = ActmonCallback(
+        log_every=2, sample_every=1, rules=[rule], sinks={"store": {"path": str(path)}}
+    )
     trainer = _trainer(tmp_path, callback)
     with pytest.raises(actmon.AlertError, match=r"\[critical\] dead layer 'net.1'"):
         trainer.fit(Net(dead_bias=-100.0), _loader())

@@ -296,6 +296,8 @@ class PrometheusSink:
             "Failures contained inside actmon (a hook, a flush or a sink), by where they happened.",
             labels=["run", "sink", "layer"],
         )
+        if not snap.internal_errors:  # a zero series, so dashboards and rate() see the counter
+            errors.add_metric([run, "", ""], 0.0)
         for where, count in sorted(snap.internal_errors.items()):
             sink = where.removeprefix("sink:") if where.startswith("sink:") else ""
             errors.add_metric([run, sink, "" if sink else where], count)
