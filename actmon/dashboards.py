@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from grafana_foundation_sdk.builders import dashboard, heatmap, prometheus, stat, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos, VariableRefresh
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 RUN = 'run="$run"'
@@ -49,7 +51,7 @@ def _variables(board: dashboard.Dashboard, with_layer: bool) -> dashboard.Dashbo
         .label("Run")
         .datasource(DATASOURCE)
         .query("label_values(actmon_step, run)")
-        .refresh(2)
+        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
     )
     if with_layer:
         board = board.with_variable(
@@ -57,7 +59,7 @@ def _variables(board: dashboard.Dashboard, with_layer: bool) -> dashboard.Dashbo
             .label("Layer")
             .datasource(DATASOURCE)
             .query(f"label_values(actmon_activation_mean{{{RUN}}}, layer)")
-            .refresh(2)
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
         )
     return board
 
@@ -130,7 +132,11 @@ def overview() -> dashboard.Dashboard:
         .title("Dead fraction: layer x time")
         .datasource(DATASOURCE)
         .grid_pos(GridPos(x=0, y=30, w=24, h=10))
-        .with_target(_query(f"actmon_dead_fraction{{{RUN}}}", "{{layer}}").format("time_series")),
+        .with_target(
+            _query(f"actmon_dead_fraction{{{RUN}}}", "{{layer}}").format(
+                PromQueryFormat.TIME_SERIES
+            )
+        ),
     ]
     for panel in panels:
         board = board.with_panel(panel)
@@ -198,7 +204,7 @@ DASHBOARDS = {"actmon-overview.json": overview, "actmon-layer.json": layer}
 
 
 def _drop_nulls(value: object) -> object:
-    """The SDK writes ``null`` for options a panel leaves unset; Grafana's schema wants them absent."""
+    """The SDK writes ``null`` for unset panel options; the Grafana schema wants them absent."""
     if isinstance(value, dict):
         return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
@@ -219,10 +225,10 @@ def render(name: str) -> str:
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 
-def panel_queries(doc: dict[str, object]) -> list[tuple[str, str]]:
+def panel_queries(doc: dict[str, Any]) -> list[tuple[str, str]]:
     """(panel title, PromQL expression) of every panel target of a dashboard JSON document."""
     out = []
-    for panel in doc.get("panels", []):  # type: ignore[union-attr]
+    for panel in doc.get("panels", []):
         for target in panel.get("targets", []):
             out.append((panel["title"], target["expr"]))
     return out
