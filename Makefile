@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install servers demo test lint bench clean
+.PHONY: install system-deps demo test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check actmon tests benchmarks
 	$(BIN)/mypy actmon
 
-servers:
-	bash scripts/install-servers.sh
+system-deps:
+	bash scripts/install-system-deps.sh
 
-test: lint servers
+test: lint system-deps
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

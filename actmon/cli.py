@@ -19,23 +19,48 @@ def main() -> None:
 
 
 @main.command()
+@click.option(
+    "--scenario",
+    default="glitch",
+    show_default=True,
+    type=click.Choice(["glitch", "healthy", "dying-relu", "saturation", "nan", "double-softmax"]),
+    help="Which failure mode to show (glitch: an alert fires and resolves).",
+)
 @click.option("--steps", default=300, show_default=True, type=click.IntRange(min=1))
-@click.option("--log-every", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--log-every", default=25, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--out",
+    default="runs",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the run store, TensorBoard logs and report go.",
+)
+@click.option("--serve", is_flag=True, help="Keep the Prometheus endpoint up until Ctrl-C.")
 @click.option(
     "--config",
     "config_path",
     type=click.Path(exists=True, dir_okay=False),
     help="An actmon YAML config to run the demo with.",
 )
-def demo(steps: int, log_every: int, config_path: str | None) -> None:
-    """Train a small MLP on scikit-learn's digits with the monitor attached."""
+def demo(
+    scenario: str, steps: int, log_every: int, out: str, serve: bool, config_path: str | None
+) -> None:
+    """Train on scikit-learn's digits with every sink on, then write the HTML report."""
     from rich.console import Console
 
     from actmon.demo import run_demo
 
     console = Console() if sys.stdout.isatty() else Console(width=160)  # logs keep whole rows
     try:
-        run_demo(steps=steps, log_every=log_every, config=config_path, console=console)
+        run_demo(
+            steps=steps,
+            log_every=log_every,
+            config=config_path,
+            console=console,
+            out=out,
+            scenario=scenario,
+            serve=serve,
+        )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -106,6 +131,29 @@ def gate(**options: Any) -> None:
     from actmon.gate_cli import run_gate
 
     sys.exit(run_gate(**options))
+
+
+@main.command()
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    default="report.html",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The HTML file to write.",
+)
+@click.option("--run", "run_name", help="The run to report when the store holds several.")
+def report(store: str, output: str, run_name: str | None) -> None:
+    """Write a self-contained HTML report (plots inlined) of a run store."""
+    from actmon.report import write_report
+    from actmon.store import StoreError
+
+    try:
+        path = write_report(store, output, run_name)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {path}")
 
 
 @main.group()

@@ -1,13 +1,26 @@
-"""The demo: a real small training on scikit-learn's digits with the monitor attached.
+"""``actmon demo``: real small trainings that show each failure mode and the alert it raises.
 
-Nothing is downloaded: ``load_digits`` ships with scikit-learn. The model is an MLP with one
-hidden layer pushed towards dying ReLUs by a strongly negative bias on half its units, so the
-table shows what a dead layer looks like beside healthy ones.
+Nothing is downloaded: the data are scikit-learn's digits. Every sink is on (run store,
+TensorBoard, Prometheus on 127.0.0.1, the console table) and the run ends with the HTML report.
+
+Scenarios:
+
+* ``glitch`` (default): a healthy MLP meets one corrupted batch (Inf inputs) at 40% of the
+  run; the loop skips that update, so the ``nonfinite`` alert fires and then resolves.
+* ``healthy``: the same run without the glitch; nothing fires.
+* ``dying-relu``: SGD with a learning rate far too high kills the ReLUs (``dead_units``).
+* ``saturation``: a deep sigmoid stack with a large init (``saturating_hidden_stack`` at attach,
+  then ``saturation``).
+* ``nan``: a weight turns NaN mid-run (``nonfinite``, naming the first offending layer).
+* ``double-softmax``: a softmax fed to CrossEntropyLoss (``double_softmax`` at step 1).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -16,82 +29,159 @@ from torch import nn
 import actmon
 from actmon.sinks.console import ConsoleSink
 
+SCENARIOS = ("glitch", "healthy", "dying-relu", "saturation", "nan", "double-softmax")
+
 
 @dataclass
 class DemoResult:
     monitor: actmon.Monitor
     final_loss: float
     accuracy: float
+    report: Path | None = None
+    alerts: list[actmon.Alert] = field(default_factory=list)
 
 
-def digits_model(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Linear(64, 128),
-        nn.ReLU(),
-        nn.Linear(128, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )
-    second = model[2]
-    assert isinstance(second, nn.Linear)
-    with torch.no_grad():  # half of the second hidden layer starts (and stays) dead
-        second.bias[:32] = -50.0
-    return model
+@dataclass
+class _Setup:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    glitch_step: int | None = None  # a batch of Inf inputs at this step (the update is skipped)
+    poison_step: int | None = None  # a weight turns NaN at this step
+
+
+def _mlp(widths: tuple[int, ...], act: type[nn.Module], kaiming: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        linear = nn.Linear(widths[i], widths[i + 1])
+        if kaiming:
+            nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
+            nn.init.zeros_(linear.bias)
+        layers.append(linear)
+        if i < len(widths) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def _setup(scenario: str, steps: int) -> _Setup:
+    torch.manual_seed(0)
+    ce = nn.CrossEntropyLoss()
+    if scenario in ("glitch", "healthy", "nan"):
+        model = _mlp((64, 128, 64, 10), nn.ReLU, kaiming=True)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        return _Setup(
+            model,
+            opt,
+            ce,
+            glitch_step=int(steps * 0.4) if scenario == "glitch" else None,
+            poison_step=int(steps * 0.5) if scenario == "nan" else None,
+        )
+    if scenario == "dying-relu":
+        model = _mlp((64, 128, 64, 10), nn.ReLU, kaiming=False)
+        return _Setup(model, torch.optim.SGD(model.parameters(), lr=1.0), ce)
+    if scenario == "saturation":
+        model = _mlp((64, 64, 64, 64, 64, 10), nn.Sigmoid, kaiming=False)
+        with torch.no_grad():
+            for m in model:
+                if isinstance(m, nn.Linear):
+                    m.weight.normal_(0.0, 1.0)
+        return _Setup(model, torch.optim.SGD(model.parameters(), lr=0.1), ce)
+    if scenario == "double-softmax":
+        model = nn.Sequential(_mlp((64, 128, 10), nn.ReLU, kaiming=True), nn.Softmax(dim=1))
+        return _Setup(model, torch.optim.Adam(model.parameters(), lr=1e-3), ce)
+    raise ValueError(f"scenario {scenario!r}: choose one of {', '.join(SCENARIOS)}")
 
 
 def run_demo(
     steps: int = 300,
     batch_size: int = 64,
-    log_every: int = 50,
+    log_every: int = 25,
     console: Console | None = None,
     config: str | None = None,
     out: str = "runs",
+    scenario: str = "glitch",
+    serve: bool = False,
+    report: bool = True,
 ) -> DemoResult:
-    """Train on digits with every sink on: run store, TensorBoard, Prometheus, console table."""
+    """Train on digits with every sink on; returns the monitor and where the report is."""
     from sklearn.datasets import load_digits
 
     console = console or Console()
+    setup = _setup(scenario, steps)
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target, dtype=torch.int64)
-    model = digits_model()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
-    table = ConsoleSink(every=max(1, steps // log_every), console=console)
-    run = "digits-demo"
+    run = f"demo-{scenario}"
+    base = Path(out) / run
     sinks = {
-        "store": {"enabled": True, "path": f"{out}/{run}/actmon.db"},
-        "tensorboard": {"enabled": True, "log_dir": f"{out}/{run}/tensorboard"},
+        "store": {"enabled": True, "path": str(base / "actmon.db")},
+        "tensorboard": {"enabled": True, "log_dir": str(base / "tensorboard")},
         "prometheus": {"enabled": True, "port": 0},
         "console": {"enabled": False},  # the full table below instead of the compact view
     }
-    with actmon.watch(
+    table = ConsoleSink(every=max(1, steps // log_every // 3), console=console)
+    model, opt = setup.model, setup.optimizer
+    monitor = actmon.watch(
         model,
         optimizer=opt,
         config=config,
         extra_sinks=[table],
+        loss_fn=setup.loss_fn,
         log_every=log_every,
+        sample_every=1,
         run_name=run,
         sinks=sinks,
-    ) as monitor:
-        loss = torch.tensor(0.0)
-        for _ in range(steps):
+    )
+    console.print(
+        f"actmon demo [bold]{scenario}[/]: {steps} steps on digits; Prometheus at"
+        f" {monitor.prometheus_url}"
+    )
+    loss = torch.tensor(0.0)
+    try:
+        for step in range(1, steps + 1):
             idx = torch.randint(0, len(x), (batch_size,), generator=gen)
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
+            inputs = x[idx]
+            if step == setup.glitch_step:
+                inputs = inputs.clone()
+                inputs[0, :8] = math.inf  # a corrupted batch
+            if step == setup.poison_step:
+                with torch.no_grad():
+                    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+                    first.weight[0, 0] = math.nan
+            loss = setup.loss_fn(model(inputs), y[idx])
+            if torch.isfinite(loss) or setup.poison_step is not None:
+                loss.backward()  # a demo loop may read the loss; the monitor never does
+                opt.step()
             opt.zero_grad()
             monitor.step(loss=loss)
-        url = monitor.prometheus_url
+        if serve:
+            console.print(f"serving {monitor.prometheus_url} until Ctrl-C")
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+    finally:
+        monitor.close()
     with torch.no_grad():
         accuracy = (model(x).argmax(1) == y).float().mean().item()
+    result = DemoResult(monitor, float(loss.detach()), accuracy, alerts=list(monitor.alerts))
+    fired = [a for a in monitor.alerts if a.state == "firing"]
+    resolved = [a for a in monitor.alerts if a.state == "resolved"]
     console.print(
-        f"trained {steps} steps on digits: final loss {loss.item():.3f}, accuracy"
-        f" {accuracy:.1%}; monitor overhead {monitor.overhead_seconds_total * 1e3:.0f} ms,"
-        f" internal errors {monitor.internal_errors_total}"
+        f"trained {steps} steps: final loss {result.final_loss:.3f}, accuracy {accuracy:.1%};"
+        f" alerts fired {len(fired)}, resolved {len(resolved)}; monitor overhead"
+        f" {monitor.overhead_seconds_total * 1e3:.0f} ms, internal errors"
+        f" {monitor.internal_errors_total}"
     )
-    console.print(f"run store:   {out}/{run}/actmon.db")
-    console.print(f"TensorBoard: tensorboard --logdir {out}/{run}/tensorboard")
-    console.print(f"Prometheus:  {url} (served while training)")
-    return DemoResult(monitor, loss.item(), accuracy)
+    for alert in monitor.alerts:
+        console.print(f"  step {alert.step:>4}  {alert.state:<8} {alert.message()}", markup=False)
+    if report:
+        from actmon.report import write_report
+
+        result.report = write_report(base / "actmon.db", base / "report.html")
+    console.print(f"run store:   {base / 'actmon.db'}")
+    console.print(f"TensorBoard: tensorboard --logdir {base / 'tensorboard'}")
+    console.print(f"report:      {result.report}")
+    return result

@@ -1,9 +1,12 @@
-"""The demo: a real digits training that shows a dead layer beside healthy ones."""
+"""The demo scenarios, each showing its alert, and the HTML report (rendered by Chromium)."""
 
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 
+import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
@@ -11,25 +14,121 @@ from actmon.cli import main
 from actmon.demo import run_demo
 
 
-def test_demo_trains_and_reports_the_dead_layer():
+def _demo(tmp_path, scenario, steps=300, **kw):
     out = io.StringIO()
-    result = run_demo(steps=60, log_every=20, console=Console(file=out, width=160))
-    snap = result.monitor.snapshot()
-    assert snap is not None
-    assert snap.window == (41, 60)
-    # 32 of the 64 units of layer "3" have a -50 bias: dead for certain, maybe more.
-    assert snap.layers["3"].dead_units >= 32
-    assert snap.layers["1"].dead_fraction < 0.5
-    assert result.accuracy > 0.5
+    result = run_demo(
+        steps=steps,
+        console=Console(file=out, width=200),
+        out=str(tmp_path),
+        scenario=scenario,
+        **kw,
+    )
+    return result, out.getvalue()
+
+
+def _events(result):
+    return [(a.rule, a.layer, a.state, a.step) for a in result.alerts]
+
+
+def test_default_demo_shows_an_alert_firing_and_resolving(tmp_path):
+    result, text = _demo(tmp_path, "glitch")
+    assert _events(result) == [
+        ("nonfinite", "0", "firing", 120),
+        ("nonfinite", "0", "resolved", 150),
+    ]
+    assert result.accuracy > 0.9
     assert result.monitor.internal_errors_total == 0
-    text = out.getvalue()
-    assert "actmon digits-demo: steps 41-60" in text
-    assert "trained 60 steps on digits" in text
+    for where in ("run store:", "TensorBoard:", "report:", "Prometheus at http://127.0.0.1:"):
+        assert where in text
+    assert (tmp_path / "demo-glitch" / "actmon.db").is_file()
+    assert result.report is not None
+    assert result.report.is_file()
 
 
-def test_cli_demo_and_version():
+@pytest.mark.parametrize(
+    ("scenario", "expected"),
+    [
+        ("healthy", []),
+        ("dying-relu", [("dead_units", "1", "firing", 150)]),
+        ("saturation", [("saturating_hidden_stack", "7", "firing", 0)]),
+        ("nan", [("nonfinite", "0", "firing", 150)]),
+        ("double-softmax", [("double_softmax", None, "firing", 1)]),
+    ],
+)
+def test_each_scenario_fires_its_alert(tmp_path, scenario, expected):
+    result, _ = _demo(tmp_path, scenario, report=False)
+    firing = [e for e in _events(result) if e[2] == "firing"]
+    for event in expected:
+        assert event in firing
+    if not expected:
+        assert firing == []
+
+
+def test_report_sections_and_chromium_render(tmp_path):
+    healthy, _ = _demo(tmp_path, "healthy", steps=100)
+    sick, _ = _demo(tmp_path, "dying-relu")
+    for result in (healthy, sick):
+        html = result.report.read_text()
+        for section in (
+            "Run summary",
+            "Alert timeline",
+            "Layer health over time",
+            "Activation distributions over time",
+            "Gradient norm by depth",
+            "Worst layers",
+        ):
+            assert section in html
+        assert "<h3>1</h3>" in html  # a layer's heatmap
+        assert "data:image/png;base64," in html  # self-contained
+    assert "No alert fired." in healthy.report.read_text()
+    sick_html = sick.report.read_text()
+    assert "dead_units" in sick_html
+    assert "Lower the learning rate" in sick_html  # the runbook hint in the worst-layers table
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian package; .ci/run installs it)")
+    png = tmp_path / "report.png"
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chrome'}",
+            f"--screenshot={png}",
+            "--window-size=1200,2000",
+            sick.report.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(png).convert("L"))
+    assert pixels.max() - pixels.min() > 100  # not blank: text and plots drawn
+    assert len(np.unique(pixels)) > 20
+    assert (pixels < 250).mean() > 0.02  # a real share of the page is drawn on
+
+
+def test_cli_demo_report_and_version(tmp_path):
     runner = CliRunner()
     assert runner.invoke(main, ["--version"]).output.startswith("actmon, version ")
-    result = runner.invoke(main, ["demo", "--steps", "20", "--log-every", "10"])
+    result = runner.invoke(
+        main, ["demo", "--scenario", "healthy", "--steps", "30", "--out", str(tmp_path)]
+    )
     assert result.exit_code == 0, result.output
-    assert "trained 20 steps on digits" in result.output
+    assert "trained 30 steps" in result.output
+    store = tmp_path / "demo-healthy" / "actmon.db"
+    report = runner.invoke(main, ["report", str(store), "-o", str(tmp_path / "r.html")])
+    assert report.exit_code == 0, report.output
+    assert (tmp_path / "r.html").read_text().startswith("<!doctype html>")
+    missing = runner.invoke(main, ["report", str(tmp_path / "none.db")])
+    assert missing.exit_code == 1
+    assert "does not exist" in missing.output

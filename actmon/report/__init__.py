@@ -1,0 +1,8 @@
+"""``actmon report``: one self-contained HTML file (plots inlined) from a run store.
+
+The report only reads what the store holds; it computes no statistic of its own.
+"""
+
+from actmon.report.html import write_report
+
+__all__ = ["write_report"]
