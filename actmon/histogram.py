@@ -92,18 +92,14 @@ def quantiles(
     if total <= 0:
         return {q: float("nan") for q in qs}
     cumulative = np.cumsum(counts, dtype=np.float64)
-    out: dict[float, float] = {}
-    for q in qs:
-        target = q * total
-        b = int(np.searchsorted(cumulative, target, side="left"))
-        b = min(b, len(counts) - 1)
-        before = cumulative[b - 1] if b > 0 else 0.0
-        inside = counts[b]
-        frac = (target - before) / inside if inside > 0 else 0.0
-        value = float(edges[b] + frac * (edges[b + 1] - edges[b]))
-        if np.isfinite(lo):
-            value = max(value, lo)
-        if np.isfinite(hi):
-            value = min(value, hi)
-        out[q] = value
-    return out
+    targets = np.asarray(qs, dtype=np.float64) * total
+    bins = np.minimum(np.searchsorted(cumulative, targets, side="left"), len(counts) - 1)
+    before = np.where(bins > 0, cumulative[np.maximum(bins - 1, 0)], 0.0)
+    inside = counts[bins].astype(np.float64)
+    frac = np.divide(targets - before, inside, out=np.zeros_like(targets), where=inside > 0)
+    values = edges[bins] + frac * (edges[bins + 1] - edges[bins])
+    if np.isfinite(lo):
+        values = np.maximum(values, lo)
+    if np.isfinite(hi):
+        values = np.minimum(values, hi)
+    return {q: float(v) for q, v in zip(qs, values, strict=True)}
