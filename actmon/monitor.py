@@ -102,6 +102,11 @@ class Monitor:
         named += [(type(sink).__name__, sink) for sink in self._user_sinks]
         for name, sink in named:
             self._start_sink(name, sink)
+        # Buffers live where the model's parameters are (the first tensor a hook sees may be an
+        # odd one); a model without parameters gets them on its first summarised tensor.
+        device = next((p.device for p in model.parameters() if p.device.type != "meta"), None)
+        if device is not None:
+            self._aggregator.ensure_device(device)
         self._attacher = Attacher(
             model, self._layers, self._aggregator, self.config, optimizers, self._record_error
         )
