@@ -18,17 +18,21 @@ that opens and holds every window committed before the kill.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from actmon.errors import ActmonError
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 
@@ -102,6 +106,21 @@ class Window:
     sampled_steps: int
 
 
+def _decoded(method: Callable[..., T]) -> Callable[..., T]:
+    """Turn a corrupt row (bad JSON, a value of the wrong type, a short blob) into StoreError."""
+
+    @functools.wraps(method)
+    def wrapper(self: RunStore, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+            raise StoreError(
+                f"run store {str(self.path)!r} holds a corrupt row ({type(exc).__name__}: {exc})"
+            ) from None
+
+    return wrapper
+
+
 class RunStore:
     """Read access to one store file. Plain Python / numpy results, no pandas."""
 
@@ -109,17 +128,18 @@ class RunStore:
         self.path = Path(path)
         if not self.path.is_file():
             raise StoreError(f"run store {str(self.path)!r} does not exist")
+        self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0)
         try:
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0)
-            version = self._db.execute(
-                "SELECT value FROM meta WHERE key = 'schema_version'"
-            ).fetchone()
-        except sqlite3.DatabaseError as exc:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = None if row is None else int(row[0])
+        except (sqlite3.DatabaseError, UnicodeDecodeError, ValueError, TypeError) as exc:
+            self._db.close()
             raise StoreError(
                 f"{str(self.path)!r} is not a readable actmon run store ({exc})"
             ) from None
-        if version is None or int(version[0]) != SCHEMA_VERSION:
-            found = "none" if version is None else version[0]
+        if version != SCHEMA_VERSION:
+            self._db.close()
+            found = "none" if version is None else version
             raise StoreError(
                 f"run store {str(self.path)!r} has schema version {found}; this actmon reads"
                 f" version {SCHEMA_VERSION}"
@@ -137,9 +157,10 @@ class RunStore:
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
         try:
             return self._db.execute(sql, args).fetchall()
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             raise StoreError(f"run store {str(self.path)!r} cannot be read: {exc}") from None
 
+    @_decoded
     def runs(self) -> list[RunInfo]:
         out = []
         for run, started, ended, status, config_json, model_json in self._query(
@@ -169,6 +190,7 @@ class RunStore:
                 return info
         raise StoreError(f"run {name!r} is not in {str(self.path)!r}")
 
+    @_decoded
     def windows(self, run: str | None = None) -> list[Window]:
         name = self.run(run).run
         rows = self._query(
@@ -178,6 +200,7 @@ class RunStore:
         )
         return [Window(*(int(v) for v in row)) for row in rows]
 
+    @_decoded
     def metrics(
         self, metric: str | None = None, layer: str | None = None, run: str | None = None
     ) -> list[tuple[int, str, str, float]]:
@@ -202,6 +225,7 @@ class RunStore:
         """(step, value) of one metric of one layer (``''``: run-level) across windows."""
         return [(s, v) for s, _, _, v in self.metrics(metric, layer, run)]
 
+    @_decoded
     def alerts(self, run: str | None = None) -> list[StoredAlert]:
         """Every alert event of the run, firing and resolved, in order."""
         name = self.run(run).run
@@ -212,6 +236,7 @@ class RunStore:
         )
         return [_alert_from_row(row) for row in rows]
 
+    @_decoded
     def histograms(
         self, layer: str, run: str | None = None
     ) -> list[tuple[int, np.ndarray, np.ndarray]]:
