@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -93,27 +95,39 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("kill_after", [1, 3, 7])
-def test_sigkill_mid_run_leaves_a_readable_store(tmp_path, kill_after):
-    path = tmp_path / "killed.db"
+def test_sigkill_at_random_points_twenty_times_leaves_readable_stores(tmp_path):
+    """20 runs killed with SIGKILL at random points (some mid-write): every store opens, holds
+    every window delivered before the kill, and the gate and the report work on it."""
+    from click.testing import CliRunner
+
+    from actmon.cli import main
+    from actmon.report import write_report
+
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.strip() == f"delivered {kill_after}":
-            break
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stdout.close()
-    with store.open(path) as db:
-        info = db.run()
-        assert info.status == "running"  # never closed
-        steps = [w.step for w in db.windows()]
-        assert steps[:kill_after] == [2 * (i + 1) for i in range(kill_after)]
-        assert {s for s, *_ in db.metrics("mean", "1")} >= set(steps[:kill_after])
+    rng = random.Random(20)
+    for i in range(20):
+        kill_after, extra = rng.randint(1, 5), rng.uniform(0, 0.05)
+        path = tmp_path / f"killed-{i}.db"
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip() == f"delivered {kill_after}":
+                break
+        time.sleep(extra)  # sometimes during the next window's write
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        with store.open(path) as db:
+            assert db.run().status == "running"  # never closed
+            steps = [w.step for w in db.windows()]
+            assert steps[:kill_after] == [2 * (k + 1) for k in range(kill_after)]
+            assert {s for s, *_ in db.metrics("mean", "1")} >= set(steps[:kill_after])
+        gate = CliRunner().invoke(main, ["gate", "--store", str(path)])
+        assert gate.exit_code in (0, 1), gate.output
+        assert write_report(path, tmp_path / f"report-{i}.html").stat().st_size > 0
 
 
 def test_store_errors_are_clear(tmp_path):

@@ -7,6 +7,7 @@ and endpoint. Label cardinality is bounded by ``max_layer_series``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import socket
@@ -109,6 +110,12 @@ class PrometheusSink:
     # ---- endpoint --------------------------------------------------------------------------
     def _serve(self) -> None:
         host, port = self.config.host, self.config.port
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning(
+                "actmon: the metrics endpoint binds %s: it is reachable from other"
+                " machines (the default is 127.0.0.1)",
+                host,
+            )
         try:
             self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
@@ -208,11 +215,11 @@ class PrometheusSink:
             alert_active = dict(self._alert_active)
         if snap is None:
             return []
-        run = self.run
+        run = bounded(self.run)
         labels = ["run", "layer", "kind"]
         out: list[Metric] = []
         own, rest = self._select_layers(list(snap.layers.values()))
-        rows = [(layer.name, layer.kind.value, layer.metrics()) for layer in own]
+        rows = [(bounded(layer.name), layer.kind.value, layer.metrics()) for layer in own]
         if rest:
             rows.append((OTHER, "mixed", _mean_metrics([layer.metrics() for layer in rest])))
         for name, (metric, help_text) in LAYER_GAUGES.items():
@@ -242,7 +249,7 @@ class PrometheusSink:
         other: dict[tuple[str, str], float] = {}
         for (layer, kind, tensor, which), count in sorted(nonfinite.items()):
             if layer in exported or not rest:
-                nf.add_metric([run, layer, kind, tensor, which], count)
+                nf.add_metric([run, bounded(layer), kind, tensor, which], count)
             else:
                 other[(tensor, which)] = other.get((tensor, which), 0.0) + count
         for (tensor, which), count in sorted(other.items()):
@@ -255,19 +262,19 @@ class PrometheusSink:
             labels=["run", "rule", "severity"],
         )
         for (rule, severity), count in sorted(alerts_total.items()):
-            fired.add_metric([run, rule, severity], count)
+            fired.add_metric([run, bounded(rule), severity], count)
         active = GaugeMetricFamily(
             "actmon_alert_active",
             "1 while an alert holds, 0 once resolved.",
             labels=["run", "rule", "layer", "severity"],
         )
         for (rule, layer, severity), value in sorted(alert_active.items()):
-            active.add_metric([run, rule, layer, severity], value)
+            active.add_metric([run, bounded(rule), bounded(layer), severity], value)
         out.extend([fired, active])
         return out
 
     def _run_families(self, snap: Snapshot) -> list[Metric]:
-        run = self.run
+        run = bounded(self.run)
         step = GaugeMetricFamily(
             "actmon_step", "Last training step of the latest window.", labels=["run"]
         )
@@ -300,9 +307,20 @@ class PrometheusSink:
             errors.add_metric([run, "", ""], 0.0)
         for where, count in sorted(snap.internal_errors.items()):
             sink = where.removeprefix("sink:") if where.startswith("sink:") else ""
-            errors.add_metric([run, sink, "" if sink else where], count)
+            errors.add_metric([run, bounded(sink), "" if sink else bounded(where)], count)
         out.extend([overhead, errors])
         return out
+
+
+MAX_LABEL = 200  # characters of a label value; longer names are cut and tagged with a hash
+
+
+def bounded(value: str) -> str:
+    """A label value of bounded length (the store keeps the full name)."""
+    if len(value) <= MAX_LABEL:
+        return value
+    digest = hashlib.sha1(value.encode()).hexdigest()[:8]
+    return f"{value[: MAX_LABEL - 10]}…{digest}"
 
 
 def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
