@@ -8,7 +8,9 @@ Schema (version 1), long format so new metrics need no migration:
 * ``layers(run, name, kind, unit_axis, units)``.
 * ``windows(run, step, first_step, last_step, sampled_steps)``.
 * ``metrics(run, step, layer, metric, value)`` — ``layer`` is ``''`` for run-level metrics.
-* ``histograms(run, step, layer, edges, counts)`` — float64 arrays as bytes.
+* ``histogram_edges(run, layer, edges)`` — a layer's bin edges, written once (float64 bytes).
+* ``histograms(run, step, layer, first_bin, counts)`` — each window's counts from the first to
+  the last non-empty bin (float64 bytes): empty tails are not stored.
 * ``alerts(run, step, rule, layer, severity, state, metric, value, op, threshold, first_seen,
   summary, runbook)`` — every firing and resolved event.
 
@@ -55,8 +57,11 @@ CREATE TABLE IF NOT EXISTS metrics (
     value REAL
 );
 CREATE INDEX IF NOT EXISTS metrics_by_name ON metrics (run, metric, layer, step);
+CREATE TABLE IF NOT EXISTS histogram_edges (
+    run TEXT NOT NULL, layer TEXT NOT NULL, edges BLOB NOT NULL, PRIMARY KEY (run, layer)
+);
 CREATE TABLE IF NOT EXISTS histograms (
-    run TEXT NOT NULL, step INTEGER NOT NULL, layer TEXT NOT NULL, edges BLOB NOT NULL,
+    run TEXT NOT NULL, step INTEGER NOT NULL, layer TEXT NOT NULL, first_bin INTEGER NOT NULL,
     counts BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS alerts (
@@ -240,16 +245,25 @@ class RunStore:
     def histograms(
         self, layer: str, run: str | None = None
     ) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """(step, edges, counts) of one layer's histogram across windows."""
+        """(step, edges, counts) of one layer's histogram across windows (full-length counts)."""
         name = self.run(run).run
-        rows = self._query(
-            "SELECT step, edges, counts FROM histograms WHERE run = ? AND layer = ? ORDER BY step",
-            (name, layer),
+        edge_rows = self._query(
+            "SELECT edges FROM histogram_edges WHERE run = ? AND layer = ?", (name, layer)
         )
-        return [
-            (int(s), np.frombuffer(e, dtype=np.float64), np.frombuffer(c, dtype=np.float64))
-            for s, e, c in rows
-        ]
+        if not edge_rows:
+            return []
+        edges = np.frombuffer(edge_rows[0][0], dtype=np.float64)
+        out = []
+        for step, first, blob in self._query(
+            "SELECT step, first_bin, counts FROM histograms WHERE run = ? AND layer = ?"
+            " ORDER BY step",
+            (name, layer),
+        ):
+            part = np.frombuffer(blob, dtype=np.float64)
+            counts = np.zeros(len(edges) - 1)
+            counts[int(first) : int(first) + len(part)] = part  # ValueError if corrupt
+            out.append((int(step), edges, counts))
+        return out
 
 
 def _alert_from_row(row: Any) -> StoredAlert:

@@ -32,6 +32,8 @@ class StoreSink:
         self._db: sqlite3.Connection | None = None
         self._started = time.time()
         self._layers_written = 0
+        self._edges_written: dict[str, bytes] = {}  # layer -> edges (fixed for a run)
+        self._edges_stored: set[str] = set()
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
@@ -45,7 +47,14 @@ class StoreSink:
                     "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
                 )
-                for table in ("layers", "windows", "metrics", "histograms", "alerts"):  # re-run
+                for table in (
+                    "layers",
+                    "windows",
+                    "metrics",
+                    "histograms",
+                    "histogram_edges",
+                    "alerts",
+                ):  # a re-run with the same name replaces the old one
                     db.execute(f"DELETE FROM {table} WHERE run = ?", (self.run,))
                 db.execute(
                     "INSERT OR REPLACE INTO runs VALUES (?, ?, NULL, 'running', ?, '[]')",
@@ -84,16 +93,14 @@ class StoreSink:
             rows.extend(
                 (self.run, step, layer.name, name, value) for name, value in layer.metrics().items()
             )
-        hists = [
-            (
-                self.run,
-                step,
-                layer.name,
-                np.asarray(layer.hist_edges, np.float64).tobytes(),
-                np.asarray(layer.hist_counts, np.float64).tobytes(),
-            )
-            for layer in snapshot.layers.values()
-        ]
+        hists = []
+        for layer in snapshot.layers.values():
+            counts = np.asarray(layer.hist_counts, np.float64)
+            used = np.nonzero(counts)[0]
+            first, last = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)
+            hists.append((self.run, step, layer.name, first, counts[first:last].tobytes()))
+            if layer.name not in self._edges_written:
+                self._edges_written[layer.name] = np.asarray(layer.hist_edges, np.float64).tobytes()
         with db:  # one transaction per window: all of it or none of it survives a kill
             self._write_layers(db)
             db.execute(
@@ -111,6 +118,13 @@ class StoreSink:
                 [(r, s, la, m, None if v != v else v) for r, s, la, m, v in rows],
             )
             db.executemany("INSERT INTO histograms VALUES (?, ?, ?, ?, ?)", hists)
+            new_edges = [
+                (self.run, k, v)
+                for k, v in self._edges_written.items()
+                if k not in self._edges_stored
+            ]
+            db.executemany("INSERT OR REPLACE INTO histogram_edges VALUES (?, ?, ?)", new_edges)
+        self._edges_stored.update(k for _, k, _ in new_edges)  # only once committed
 
     def write_alert(self, alert: Alert) -> None:
         db = self._connect()
