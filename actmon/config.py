@@ -99,6 +99,9 @@ class StoreSinkConfig(_Strict):
 
     enabled: bool = True
     path: str = "runs/{run}/actmon.db"
+    # How long a write waits for a lock another process holds before it fails (and is retried
+    # by the sink runner with back-off): waiting happens on the sink's thread, not training's.
+    busy_timeout_seconds: float = Field(5.0, gt=0)
 
 
 class SinksConfig(_Strict):

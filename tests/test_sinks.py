@@ -127,3 +127,103 @@ def test_console_compact_view_shows_the_worst_layers():
     assert "│ 3 " in text
     assert "100.0%" in text
     assert "│ 1 " not in text
+
+
+def test_a_store_locked_by_another_process_is_retried_and_nothing_written_is_lost(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "run.db"
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU())
+    sinks = {
+        "store": {"path": str(path), "busy_timeout_seconds": 0.05},
+        "retries": 1,
+        "backoff_seconds": 0.01,
+    }
+    monitor = actmon.watch(model, log_every=2, sinks=sinks)
+    _train(monitor, model, 2)  # window 1 written before the lock
+    assert wait_delivered(monitor, 1)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another process holds the file
+    _train(monitor, model, 2)  # window 2: the writes fail, are retried, then dropped
+    assert wait_dropped(monitor, 1)
+    other.execute("COMMIT")
+    other.close()
+    _train(monitor, model, 2)  # window 3 goes through again
+    monitor.close()
+    assert monitor.step_count == 6
+    assert monitor.errors["sink:store"] >= 2
+    with store.open(path) as db:
+        assert [w.step for w in db.windows()] == [2, 6]
+
+
+def test_the_store_directory_removed_mid_run_does_not_stop_training(tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU())
+    monitor = actmon.watch(model, log_every=2, sinks={"store": {"path": str(run_dir / "a.db")}})
+    _train(monitor, model, 2)
+    assert wait_delivered(monitor, 1)
+    shutil.rmtree(run_dir)
+    _train(monitor, model, 4)
+    monitor.close()
+    assert monitor.step_count == 6  # training went on; the open file was written to its end
+
+
+def test_a_pushgateway_answering_500_is_retried_and_counted():
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    hits = []
+
+    class Failing(BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:  # push_to_gateway uses PUT
+            hits.append(self.path)
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        model = nn.Sequential(nn.Linear(6, 4), nn.ReLU())
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        sinks = _fast_retries(
+            store={"enabled": False},
+            prometheus={"enabled": True, "mode": "pushgateway", "pushgateway_url": url},
+        )
+        with actmon.watch(model, run_name="r", log_every=2, sinks=sinks) as monitor:
+            _train(monitor, model, 4)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert monitor.step_count == 4
+    assert len(hits) >= 6  # 2 windows x (1 + 2 retries), then the push at close
+    assert all(h == "/metrics/job/actmon/run/r" for h in hits)
+    assert monitor.dropped_windows["prometheus"] == 2
+    assert monitor.errors["sink:prometheus"] >= 6
+
+
+def wait_delivered(monitor, n: int, timeout: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if monitor.delivered_windows.get("store", 0) >= n:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def wait_dropped(monitor, n: int, timeout: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if monitor.dropped_windows.get("store", 0) >= n:
+            return True
+        time.sleep(0.01)
+    return False

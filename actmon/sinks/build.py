@@ -30,7 +30,9 @@ def build_sinks(
             from actmon.sinks.store import StoreSink
 
             path = cfg.store.path.format(run=run)
-            return StoreSink(path, run, config.model_dump_json(), layers)
+            return StoreSink(
+                path, run, config.model_dump_json(), layers, cfg.store.busy_timeout_seconds
+            )
 
         makers.append(("store", store))
     if cfg.prometheus.enabled:

@@ -22,7 +22,12 @@ class StoreSink:
     """Appends windows to ``path``; marks the run finished/failed at close."""
 
     def __init__(
-        self, path: str | Path, run: str, config_json: str, layers: Callable[[], list[LayerInfo]]
+        self,
+        path: str | Path,
+        run: str,
+        config_json: str,
+        layers: Callable[[], list[LayerInfo]],
+        busy_timeout: float = 5.0,
     ) -> None:
         self.path = Path(path)
         self.run = run
@@ -32,13 +37,14 @@ class StoreSink:
         self._db: sqlite3.Connection | None = None
         self._started = time.time()
         self._layers_written = 0
+        self._busy_timeout = busy_timeout
         self._edges_written: dict[str, bytes] = {}  # layer -> edges (fixed for a run)
         self._edges_stored: set[str] = set()
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=5.0)
+            db = sqlite3.connect(self.path, timeout=self._busy_timeout)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(SCHEMA)
