@@ -92,6 +92,23 @@ class PrometheusSinkConfig(_Strict):
     pushgateway_url: str = "http://127.0.0.1:9091"
     job: str = "actmon"
     max_layer_series: int = Field(500, ge=1)  # beyond it: worst layers first, the rest "_other"
+    # TLS for the endpoint (prometheus_client's own support): a certificate and its key, and
+    # optionally a CA whose client certificates are then required (mutual TLS).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+    # Basic auth for Pushgateway pushes; the password is read from this environment variable,
+    # never from a file. (prometheus_client's endpoint offers TLS, not basic auth.)
+    pushgateway_username: str | None = None
+    pushgateway_password_env: str = "ACTMON_PUSHGATEWAY_PASSWORD"
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> PrometheusSinkConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be given together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return self
 
 
 class StoreSinkConfig(_Strict):

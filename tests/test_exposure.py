@@ -101,3 +101,116 @@ def test_yaml_is_loaded_safely(tmp_path):
     path.write_text("run_name: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(actmon.ConfigError, match="is not valid YAML"):  # safe_load refuses it
         actmon.load_config(path)
+
+
+def test_endpoint_over_tls(tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+    import urllib.request
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    sinks = {
+        "store": {"enabled": False},
+        "prometheus": {
+            "enabled": True,
+            "port": 0,
+            "tls_cert_file": str(cert),
+            "tls_key_file": str(key),
+        },
+    }
+    with actmon.watch(model, log_every=1, sinks=sinks) as monitor:
+        model(torch.randn(2, 4)).sum().backward()
+        monitor.step()
+        url = monitor.prometheus_url
+        assert url.startswith("https://127.0.0.1:")
+        context = ssl.create_default_context(cafile=str(cert))
+
+        def fetch() -> str:
+            with urllib.request.urlopen(url, context=context, timeout=5) as response:
+                return response.read().decode()
+
+        from tests.helpers import wait_for
+
+        text = wait_for(lambda: (body := fetch()) and "actmon_step" in body and body)
+        assert "actmon_activation_mean" in text
+        import http.client
+
+        # Plain HTTP is not served: the TLS socket drops the connection.
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionResetError)):
+            urllib.request.urlopen(url.replace("https", "http"), timeout=5)
+
+
+def test_tls_settings_must_come_in_pairs():
+    with pytest.raises(actmon.ConfigError, match="tls_cert_file and tls_key_file must be given"):
+        actmon.load_config(sinks={"prometheus": {"tls_cert_file": "c.pem"}})
+
+
+def test_pushgateway_basic_auth_reads_the_password_from_the_environment(monkeypatch):
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class Gateway(BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("ACTMON_PUSHGATEWAY_PASSWORD", "s3cret")
+    try:
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        sinks = {
+            "store": {"enabled": False},
+            "prometheus": {
+                "enabled": True,
+                "mode": "pushgateway",
+                "pushgateway_url": f"http://127.0.0.1:{server.server_port}",
+                "pushgateway_username": "ci",
+            },
+        }
+        with actmon.watch(model, log_every=1, sinks=sinks) as monitor:
+            model(torch.randn(2, 4)).sum().backward()
+            monitor.step()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    expected = "Basic " + base64.b64encode(b"ci:s3cret").decode()
+    assert seen
+    assert set(seen) == {expected}
+    assert monitor.errors == {}

@@ -148,3 +148,21 @@ def test_a_non_scalar_loss_is_contained():
         monitor.step(loss=torch.ones(3))
     assert monitor.errors == {"(step)": 1}
     assert monitor.snapshot().loss is None
+
+
+def test_a_unit_axis_that_cannot_apply_is_contained(caplog):
+    model = Host(lambda x: x * 2)
+    with (
+        caplog.at_level(logging.WARNING, logger="actmon"),
+        actmon.watch(
+            model, unit_axis={"odd": 5}, kinds={"odd": "relu"}, log_every=1, sinks=NO_STORE
+        ) as monitor,
+    ):
+        model(torch.randn(3, 6)).sum().backward()
+        monitor.step()
+    assert monitor.errors == {"odd": 1}
+    assert any(
+        "unit axis 5 is out of range for an output of shape (3, 6)" in r.getMessage()
+        for r in caplog.records
+    )
+    assert monitor.snapshot().layers["lin"].calls == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, push_to_gateway, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import basic_auth_handler, default_handler
 from prometheus_client.registry import Collector
 
 from actmon.config import PrometheusSinkConfig
@@ -108,6 +110,15 @@ class PrometheusSink:
             self._serve()
 
     # ---- endpoint --------------------------------------------------------------------------
+    def _start(self, port: int) -> tuple[WSGIServer, threading.Thread]:
+        c = self.config
+        tls: dict[str, object] = {}
+        if c.tls_cert_file is not None:
+            tls = {"certfile": c.tls_cert_file, "keyfile": c.tls_key_file}
+            if c.tls_client_ca_file is not None:
+                tls.update(client_cafile=c.tls_client_ca_file, client_auth_required=True)
+        return start_http_server(port, addr=c.host, registry=self.registry, **tls)  # type: ignore[arg-type]
+
     def _serve(self) -> None:
         host, port = self.config.host, self.config.port
         if host not in ("127.0.0.1", "::1", "localhost"):
@@ -117,7 +128,7 @@ class PrometheusSink:
                 host,
             )
         try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+            self._server, self._thread = self._start(port)
         except OSError as exc:
             if self.config.port_in_use == "error":
                 raise ConfigError(
@@ -134,7 +145,7 @@ class PrometheusSink:
                     exc,
                 )
                 return
-            self._server, self._thread = start_http_server(0, addr=host, registry=self.registry)
+            self._server, self._thread = self._start(0)
             log.warning(
                 "actmon: Prometheus port %s:%d is not available (%s); serving on %d",
                 host,
@@ -142,7 +153,8 @@ class PrometheusSink:
                 exc,
                 self._server.server_port,
             )
-        self.url = f"http://{_url_host(host)}:{self._server.server_port}/metrics"
+        scheme = "https" if self.config.tls_cert_file else "http"
+        self.url = f"{scheme}://{_url_host(host)}:{self._server.server_port}/metrics"
 
     # ---- Sink protocol -----------------------------------------------------------------------
     def write(self, snapshot: Snapshot) -> None:
@@ -170,12 +182,22 @@ class PrometheusSink:
             self._alert_active[key] = 1.0 if alert.state == "firing" else 0.0
 
     def push(self) -> None:
+        c = self.config
+        handler = default_handler
+        if c.pushgateway_username is not None:
+            user = c.pushgateway_username
+            password = os.environ.get(c.pushgateway_password_env, "")
+
+            def handler(url, method, timeout, headers, data):  # type: ignore[no-untyped-def]
+                return basic_auth_handler(url, method, timeout, headers, data, user, password)
+
         push_to_gateway(
-            self.config.pushgateway_url,
-            job=self.config.job,
+            c.pushgateway_url,
+            job=c.job,
             registry=self.registry,
             grouping_key={"run": self.run},
             timeout=5.0,
+            handler=handler,
         )
 
     def close(self) -> None:
