@@ -124,3 +124,24 @@ def fetch_when(url: str, needle: str, timeout: float = 30.0) -> str:
         return text if needle in text else None
 
     return str(wait_for(check, timeout, what=f"{needle!r} at {url}"))
+
+
+def train_steps(
+    monitor: Any,
+    model: Any,
+    steps: int,
+    batch: int = 8,
+    features: int = 6,
+    loss: float | None = None,
+) -> None:
+    """SGD steps on random inputs, ending each with ``monitor.step``; ``loss`` fixes the value
+    passed to it (else the real loss is passed)."""
+    import torch
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        real = model(torch.randn(batch, features)).pow(2).mean()
+        real.backward()
+        opt.step()
+        opt.zero_grad()
+        monitor.step(loss=real if loss is None else torch.tensor(loss))

@@ -19,6 +19,7 @@ from tests.helpers import (
     prom_query,
     start_prometheus,
     start_pushgateway,
+    train_steps,
     wait_for,
 )
 
@@ -32,13 +33,7 @@ def _model() -> nn.Sequential:
 
 
 def _train(monitor, model, steps):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    for _ in range(steps):
-        loss = model(torch.randn(8, 6)).pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        monitor.step(loss=loss)
+    train_steps(monitor, model, steps)
 
 
 def _prom(**extra):

@@ -14,15 +14,11 @@ import actmon
 from actmon import store
 from actmon.sinks.console import render_table
 from actmon.sinks.prometheus import free_port
+from tests.helpers import train_steps, wait_for
 
 
 def _train(monitor, model, steps):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    for _ in range(steps):
-        model(torch.randn(4, 6)).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-        monitor.step(loss=torch.tensor(1.0))
+    train_steps(monitor, model, steps, batch=4, loss=1.0)
 
 
 class Raising:
@@ -141,11 +137,11 @@ def test_a_store_locked_by_another_process_is_retried_and_nothing_written_is_los
     }
     monitor = actmon.watch(model, log_every=2, sinks=sinks)
     _train(monitor, model, 2)  # window 1 written before the lock
-    assert wait_delivered(monitor, 1)
+    wait_for(lambda: monitor.delivered_windows["store"] >= 1, what="window 1 in the store")
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")  # another process holds the file
     _train(monitor, model, 2)  # window 2: the writes fail, are retried, then dropped
-    assert wait_dropped(monitor, 1)
+    wait_for(lambda: monitor.dropped_windows["store"] >= 1, what="window 2 dropped")
     other.execute("COMMIT")
     other.close()
     _train(monitor, model, 2)  # window 3 goes through again
@@ -163,7 +159,7 @@ def test_the_store_directory_removed_mid_run_does_not_stop_training(tmp_path):
     model = nn.Sequential(nn.Linear(6, 4), nn.ReLU())
     monitor = actmon.watch(model, log_every=2, sinks={"store": {"path": str(run_dir / "a.db")}})
     _train(monitor, model, 2)
-    assert wait_delivered(monitor, 1)
+    wait_for(lambda: monitor.delivered_windows["store"] >= 1, what="window 1 in the store")
     shutil.rmtree(run_dir)
     _train(monitor, model, 4)
     monitor.close()
@@ -205,25 +201,3 @@ def test_a_pushgateway_answering_500_is_retried_and_counted():
     assert all(h == "/metrics/job/actmon/run/r" for h in hits)
     assert monitor.dropped_windows["prometheus"] == 2
     assert monitor.errors["sink:prometheus"] >= 6
-
-
-def wait_delivered(monitor, n: int, timeout: float = 10.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if monitor.delivered_windows.get("store", 0) >= n:
-            return True
-        time.sleep(0.01)
-    return False
-
-
-def wait_dropped(monitor, n: int, timeout: float = 10.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if monitor.dropped_windows.get("store", 0) >= n:
-            return True
-        time.sleep(0.01)
-    return False

@@ -13,21 +13,16 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from torch import nn
 
 import actmon
 from actmon import store
 from actmon.store import StoreError
+from tests.helpers import train_steps
 
 
 def _train(monitor, model, steps):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    for _ in range(steps):
-        model(torch.randn(8, 6)).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-        monitor.step(loss=torch.tensor(1.5))
+    train_steps(monitor, model, steps, loss=1.5)
 
 
 def test_store_holds_every_window_equal_to_the_snapshots(tmp_path):
