@@ -104,7 +104,10 @@ def run_demo(
     report: bool = True,
 ) -> DemoResult:
     """Train on digits with every sink on; returns the monitor and where the report is."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise ImportError("actmon demo needs scikit-learn: pip install 'actmon[demo]'") from exc
 
     console = console or Console()
     setup = _setup(scenario, steps)
