@@ -150,3 +150,44 @@ def test_a_raise_rule_ends_fit_with_a_clear_error(tmp_path):
     assert trainer.global_step == 2
     with store.open(path) as db:
         assert db.run().status == "failed"  # closed by on_exception
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization with two optimizers (a GAN-like split of one network)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.a = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.b = nn.Linear(16, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt_a, opt_b = self.optimizers()
+        loss = nn.functional.cross_entropy(self.b(self.a(x)), y)
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        self.manual_backward(loss)
+        opt_a.step()
+        opt_b.step()
+        return loss
+
+    def configure_optimizers(self):
+        return (
+            torch.optim.SGD(self.a.parameters(), lr=0.05),
+            torch.optim.SGD(self.b.parameters(), lr=0.05),
+        )
+
+
+def test_two_optimizers_count_one_step_per_batch(tmp_path):
+    callback = ActmonCallback(log_every=4, sample_every=1, sinks={"store": {"enabled": False}})
+    trainer = _trainer(tmp_path, callback, max_epochs=1)
+    trainer.fit(TwoOptimizers(), _loader())  # 8 batches, 2 optimizer steps each
+    monitor = callback.monitor
+    assert monitor.step_count == 8
+    assert trainer.global_step == 16  # Lightning counts each optimizer's step
+    snap = monitor.snapshot()
+    assert snap.layers["a.1"].calls == 4
+    assert snap.params["a.0.weight"].grad_norm > 0  # both optimizers' parameters are covered
+    assert snap.params["b.weight"].grad_norm > 0
+    assert monitor.internal_errors_total == 0
