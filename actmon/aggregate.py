@@ -56,7 +56,6 @@ class HostCounts:
     calls: np.ndarray  # (L,) forward calls summarised
     steps_with_data: np.ndarray  # (L,) sampled steps in which the layer ran
     softmax_rows: np.ndarray  # (L,)
-    grad_count: np.ndarray  # (L,) gradient elements summarised
     grad_steps: np.ndarray  # (L,) sampled steps with an output gradient
     param_steps: np.ndarray  # (P,) sampled steps with a gradient for the parameter
     update_steps: np.ndarray  # (P,) sampled steps with an update measured
@@ -65,9 +64,17 @@ class HostCounts:
 
     @classmethod
     def zeros(cls, layers: int, params: int) -> HostCounts:
-        z = lambda n: np.zeros(n, dtype=np.int64)  # noqa: E731
+        def z(n: int) -> np.ndarray:
+            return np.zeros(n, dtype=np.int64)
+
         return cls(
-            z(layers), z(layers), z(layers), z(layers), z(layers), z(layers), z(params), z(params)
+            count=z(layers),
+            calls=z(layers),
+            steps_with_data=z(layers),
+            softmax_rows=z(layers),
+            grad_steps=z(layers),
+            param_steps=z(params),
+            update_steps=z(params),
         )
 
 
@@ -161,8 +168,22 @@ class Aggregator:
         self.param_sq = torch.zeros(P, 3, dtype=f64, device=device)
         self._nan = torch.full((), float("nan"), dtype=f32, device=device)
         self.nonfinite_bins = torch.tensor(stats.NONFINITE_BINS, dtype=i64, device=device)
-        self.fwd = _Slots({"sums": (4, f32), "maxes": (2, f32), "counts": (2, torch.int32)}, device)
-        self.bwd = _Slots({"sums": (len(stats.GRAD_SUM_FIELDS), f32), "maxes": (2, f32)}, device)
+        # Slot layouts are the kernels' field lists (stats.*_FIELDS): one source for both sides.
+        self.fwd = _Slots(
+            {
+                "sums": (len(stats.ACT_SUM_FIELDS), f32),
+                "maxes": (len(stats.ACT_MAX_FIELDS), f32),
+                "counts": (len(stats.ACT_COUNT_FIELDS), torch.int32),
+            },
+            device,
+        )
+        self.bwd = _Slots(
+            {
+                "sums": (len(stats.GRAD_SUM_FIELDS), f32),
+                "maxes": (len(stats.GRAD_MAX_FIELDS), f32),
+            },
+            device,
+        )
         for layer, (offset, units) in self.unit_offsets.items():
             self.unit_layer[offset : offset + units] = layer
 
@@ -220,7 +241,6 @@ class Aggregator:
         self.bwd.layers.append(layer)
         if hist is not None:
             self._pending_grad_hist.append(hist)
-        self.host.grad_count[layer] += numel
         if layer not in self._grad_layers_this_step:
             self._grad_layers_this_step.add(layer)
             self.host.grad_steps[layer] += 1

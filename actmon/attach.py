@@ -352,7 +352,7 @@ class Attacher:
         finally:
             self.overhead_seconds += time.perf_counter() - start
 
-    def _accumulated(self, param: Tensor) -> None:
+    def _accumulated(self, _param: Tensor) -> None:
         """Post-accumulate-grad hook (no optimizer): queue one end-of-backward callback."""
         if self._callback_queued:
             return

@@ -163,12 +163,10 @@ def summarize_activation(
         torch.amin(flat, dim=0, out=maxes[1])
     else:
         torch.aminmax(flat, out=(maxes[1], maxes[0]))  # the dim=0 overload is ~40x slower
-    bits = flat.view(torch.int32)
     temp = scratch.get(flat.numel(), torch.int32, flat.device)
-    torch.bitwise_right_shift(bits, SYMLOG_SHIFT, out=temp).add_(HALF)
-    hist = bincount(temp, SYMLOG_BINS)
+    hist = bincount(symlog_index(flat, out=temp), SYMLOG_BINS)
     # Exact zero count: |bits| is 0 only for +-0 (subnormals stay non-zero, unlike the bin test).
-    magnitude = torch.bitwise_and(bits, 0x7FFFFFFF, out=temp)
+    magnitude = torch.bitwise_and(flat.view(torch.int32), 0x7FFFFFFF, out=temp)
     torch.sum(magnitude.clamp_(max=1), dim=0, dtype=torch.int32, out=counts[0])
     kind = spec.info.kind
     if kind in (Kind.SIGMOID, Kind.TANH, Kind.CLIPPING):
