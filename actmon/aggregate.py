@@ -13,6 +13,7 @@ stored negated so they fold with the same amax), which is what a cross-rank redu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,7 +21,28 @@ from torch import Tensor
 
 from actmon import stats
 
+if TYPE_CHECKING:
+    from actmon.distributed import Reducer
+
 _NEG_INF = float("-inf")
+
+# How each window buffer combines across ranks (actmon.distributed packs one vector per kind),
+# by WindowData field name, in WindowData's order. The sentinel holds the loss (mean over
+# ranks) and each rank's share of the total gradient norm (squares summed).
+RANK_REDUCTION: dict[str, str] = {
+    "act_sum": "sum",
+    "act_max": "max",
+    "act_count": "sum",
+    "act_hist": "sum",
+    "lin_hist": "sum",
+    "unit_max": "max",  # MAX of "ever > 0": a unit is dead only if dead on every rank
+    "batch_dead": "sum",
+    "grad_sum": "sum",
+    "grad_max": "max",
+    "grad_hist": "sum",
+    "param_sq": "sum",  # weighted by 1/replicas: see actmon.distributed
+    "sentinel": "sum",
+}
 
 
 @dataclass
@@ -61,6 +83,13 @@ class HostCounts:
     update_steps: np.ndarray  # (P,) sampled steps with an update measured
     loss_given: list[bool] = field(default_factory=list)  # per step of the window
     grad_given: list[bool] = field(default_factory=list)
+    amp_skipped: list[bool] = field(default_factory=list)  # per step, with a GradScaler only
+
+    def grow_layers(self, layers: int) -> None:
+        """Pad the per-layer counters with zeros up to ``layers`` entries."""
+        for name in ("count", "calls", "steps_with_data", "softmax_rows", "grad_steps"):
+            old = getattr(self, name)
+            setattr(self, name, np.concatenate([old, np.zeros(layers - len(old), np.int64)]))
 
     @classmethod
     def zeros(cls, layers: int, params: int) -> HostCounts:
@@ -144,6 +173,7 @@ class Aggregator:
         self.host = HostCounts.zeros(n_layers, n_params)
         self.sampled_steps: list[int] = []
         self.first_step: int | None = None
+        self.reducer: Reducer | None = None  # set under torch.distributed ("reduce" mode)
 
     # ---- buffers -------------------------------------------------------------------------
     def ensure_device(self, device: torch.device) -> None:
@@ -186,6 +216,28 @@ class Aggregator:
         )
         for layer, (offset, units) in self.unit_offsets.items():
             self.unit_layer[offset : offset + units] = layer
+
+    def add_layer(self) -> int:
+        """One more layer (a functional activation found while running); returns its index."""
+        index = self.n_layers
+        self.n_layers += 1
+        self.host.grow_layers(self.n_layers)
+        if self.device is not None:
+            for name in (
+                "act_sum",
+                "act_max",
+                "act_count",
+                "act_hist",
+                "lin_hist",
+                "batch_dead",
+                "grad_sum",
+                "grad_max",
+                "grad_hist",
+            ):
+                old = getattr(self, name)
+                row = old[:1].clone().fill_(_NEG_INF if name in ("act_max", "grad_max") else 0)
+                setattr(self, name, torch.cat([old, row]))
+        return index
 
     def register_units(self, layer: int, units: int) -> int:
         """Give ``layer`` a slice of the per-unit buffers; returns its offset."""
@@ -241,9 +293,7 @@ class Aggregator:
         self.bwd.layers.append(layer)
         if hist is not None:
             self._pending_grad_hist.append(hist)
-        if layer not in self._grad_layers_this_step:
-            self._grad_layers_this_step.add(layer)
-            self.host.grad_steps[layer] += 1
+        self._grad_layers_this_step.add(layer)  # grad_steps counts it when the step is folded
 
     def record_params(
         self,
@@ -276,10 +326,12 @@ class Aggregator:
         self.host.loss_given.append(loss is not None)
         self.host.grad_given.append(grad_norm_total is not None)
 
-    def _sentinel(self) -> Tensor:
-        """(steps, 2) float32: loss and total gradient norm per step, NaN where not given."""
+    def _sentinel(self, missing: Tensor | None = None) -> Tensor:
+        """(steps, 2) float32: loss and total gradient norm per step, NaN (or ``missing``)
+        where not given."""
+        fill = self._nan if missing is None else missing
         values = [
-            self._nan if v is None else v.reshape(()).to(self.device, torch.float32)
+            fill if v is None else v.reshape(()).to(self.device, torch.float32)
             for pair in self._step_values
             for v in pair
         ]
@@ -288,16 +340,36 @@ class Aggregator:
         return torch.stack(values).view(-1, 2)
 
     # ---- per step ------------------------------------------------------------------------
-    def end_step(self, step: int, sampled: bool) -> None:
-        """Fold the step's slot rows into the window buffers (a constant number of calls)."""
+    def end_step(
+        self,
+        step: int,
+        sampled: bool,
+        amp_skipped: bool | None = None,
+        grad_scale: Tensor | None = None,
+    ) -> None:
+        """Fold the step's slot rows into the window buffers (a constant number of calls).
+
+        With a GradScaler, ``amp_skipped`` says the scaler skipped this step (its gradients
+        overflowed and it lowered the scale): the step's output-gradient rows are dropped, not
+        counted as NaN/Inf, and the step is counted as skipped. ``grad_scale`` (a device scalar)
+        is the scale the step's backward ran with: output-gradient statistics are unscaled.
+        """
         if self.first_step is None:
             self.first_step = step
         if sampled:
             self.sampled_steps.append(step)
+        if amp_skipped is not None:
+            self.host.amp_skipped.append(amp_skipped)
         if self.device is None:
             return
         self._fold_forward(step)
-        self._fold_backward()
+        if amp_skipped:
+            self.bwd.layers.clear()
+            self._pending_grad_hist.clear()
+        else:
+            for layer in self._grad_layers_this_step:
+                self.host.grad_steps[layer] += 1
+            self._fold_backward(grad_scale)
         self._layers_this_step.clear()
         self._grad_layers_this_step.clear()
 
@@ -354,50 +426,91 @@ class Aggregator:
         dead_now = (step_max <= 0).logical_and_(step_max != _NEG_INF)
         self.batch_dead.index_add_(0, self.unit_layer, dead_now.double())
 
-    def _fold_backward(self) -> None:
+    def _fold_backward(self, grad_scale: Tensor | None = None) -> None:
         layers = self.bwd.layers
         if not layers:
             return
         index = self._index(layers)
-        self.grad_sum.index_add_(0, index, self.bwd.used("sums").double())
+        sums = self.bwd.used("sums").double()
         maxes = self.bwd.used("maxes")
         maxes[:, 1].neg_()
+        if grad_scale is not None:  # loss scaling: back to the gradients' true values
+            inverse = grad_scale.reciprocal()
+            sums[:, 0].mul_(inverse.double().square())
+            maxes.mul_(inverse)
+        self.grad_sum.index_add_(0, index, sums)
         self.grad_max.scatter_reduce_(0, index.unsqueeze(1).expand_as(maxes), maxes, "amax")
         if self._pending_grad_hist:  # gradient histograms on: one per call
-            self.grad_hist.index_add_(0, index, torch.stack(self._pending_grad_hist))
+            hists = torch.stack(self._pending_grad_hist)
+            if grad_scale is not None:
+                hists = stats.unscale_hist(hists, grad_scale)
+            self.grad_hist.index_add_(0, index, hists)
         layers.clear()
         self._pending_grad_hist.clear()
 
     # ---- per window ----------------------------------------------------------------------
+    def window_parts(self, missing: float | None = None) -> dict[str, Tensor]:
+        """The window's device buffers by WindowData field name, in :data:`RANK_REDUCTION`'s
+        order; the sentinel holds ``missing`` (default NaN) where a step reported no value."""
+        fill = None
+        if missing is not None:
+            fill = torch.full((), missing, dtype=torch.float32, device=self.device)
+        return {
+            "act_sum": self.act_sum,
+            "act_max": self.act_max,
+            "act_count": self.act_count,
+            "act_hist": self.act_hist,
+            "lin_hist": self.lin_hist,
+            "unit_max": self.unit_max,
+            "batch_dead": self.batch_dead,
+            "grad_sum": self.grad_sum,
+            "grad_max": self.grad_max,
+            "grad_hist": self.grad_hist,
+            "param_sq": self.param_sq,
+            "sentinel": self._sentinel(fill),
+        }
+
+    def nonfinite_order(self, first_step: int, steps: int, none: float) -> Tensor:
+        """(steps, layers) float64: per step of the window and layer, the position in that
+        step's call order of the layer's first call with a non-finite output (``none`` if
+        none). A fixed-shape form of the per-call counts, for the cross-rank reduction."""
+        order = torch.full((steps, self.n_layers), none, dtype=torch.float64, device=self.device)
+        for step, layers, per_call in self._call_nonfinite:
+            row = step - first_step
+            if 0 <= row < steps:
+                position = torch.arange(len(layers), dtype=torch.float64, device=self.device)
+                first = torch.where(per_call > 0, position, none)
+                order[row].scatter_reduce_(0, self._index(layers), first, "amin")
+        return order
+
     def flush(self, last_step: int, steps_in_window: int) -> WindowData:
-        """Pack the window into one vector, copy it to the host once, reset, and return it."""
+        """Pack the window into one vector, copy it to the host once, reset, and return it.
+
+        With a :attr:`reducer` (torch.distributed, "reduce" mode) the window is first reduced
+        over the ranks with a constant number of collectives; every rank gets the same result.
+        """
         parts: list[Tensor] = []
-        if self.device is not None:
+        host_counts = self.host
+        if self.reducer is not None:
+            if self.device is None:  # every rank must take part in the collectives
+                self.ensure_device(self.reducer.device)
+            reduced, host_counts, call_nonfinite = self.reducer.reduce(
+                self, last_step, steps_in_window
+            )
+            arrays = [reduced[name] for name in RANK_REDUCTION]
+        elif self.device is not None:
             nonfinite = [t for _, _, t in self._call_nonfinite]
-            parts = [
-                self.act_sum,
-                self.act_max,
-                self.act_count,
-                self.act_hist,
-                self.lin_hist,
-                self.unit_max,
-                self.batch_dead,
-                self.grad_sum,
-                self.grad_max,
-                self.grad_hist,
-                self.param_sq,
-                self._sentinel(),
-                *nonfinite,
-            ]
+            parts = [*self.window_parts().values(), *nonfinite]
             packed = torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
             host = packed.cpu().numpy()  # the one device-to-host copy of the window
             arrays = _split(host, parts)
         else:
             arrays = self._empty_arrays(steps_in_window)
-        call_nonfinite = [
-            (step, layers, arrays[12 + i])
-            for i, (step, layers, _) in enumerate(self._call_nonfinite)
-        ]
+        if self.reducer is None:
+            call_nonfinite = [
+                (step, layers, arrays[12 + i])
+                for i, (step, layers, _) in enumerate(self._call_nonfinite)
+            ]
         data = WindowData(
             first_step=self.first_step if self.first_step is not None else last_step,
             last_step=last_step,
@@ -415,7 +528,7 @@ class Aggregator:
             param_sq=arrays[10],
             sentinel=arrays[11],
             call_nonfinite=call_nonfinite,
-            host=self.host,
+            host=host_counts,
         )
         self._reset()
         return data

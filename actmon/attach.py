@@ -33,7 +33,9 @@ from torch.utils.hooks import RemovableHandle
 from actmon import stats
 from actmon.aggregate import Aggregator
 from actmon.config import Config
+from actmon.distributed import has_dtensor, local_tensors
 from actmon.errors import ConfigError, HookError
+from actmon.functional import FunctionalCapture
 from actmon.kinds import BOUNDED_KINDS, Kind, KindInfo, classify, with_kind
 from actmon.snapshot import LayerInfo
 
@@ -56,10 +58,12 @@ class Layer:
     units: int | None = None
     disabled: bool = False
     specs: dict[int, stats.ActivationSpec] = field(default_factory=dict)  # by output ndim
+    functional: bool = False  # an activation function called in ``module``'s forward
+    owed_recompute: int = 0  # no-grad calls this step that a reentrant checkpoint will redo
 
     def public(self) -> LayerInfo:
         units = self.units
-        if units is None:  # known from the module before it runs
+        if units is None and not self.functional:  # known from the module before it runs
             units = (
                 getattr(self.module, "out_features", None)
                 or getattr(self.module, "out_channels", None)
@@ -75,34 +79,100 @@ class Layer:
         )
 
 
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's OptimizedModule; DDP/DataParallel
+
+
+def _is_wrapper(module: nn.Module) -> bool:
+    """A module that only wraps the user's model (its name prefix is not part of layer names)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    optimized = getattr(getattr(torch, "_dynamo", None), "OptimizedModule", None)
+    wrappers: tuple[type, ...] = (DataParallel, DistributedDataParallel)
+    if isinstance(optimized, type):
+        wrappers = (*wrappers, optimized)
+    return isinstance(module, wrappers)
+
+
+def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` without wrapper modules and the prefixes they add.
+
+    ``watch(torch.compile(model))`` and ``watch(DDP(model))`` name layers as ``watch(model)``
+    does: ``0``, not ``_orig_mod.0`` or ``module.0``.
+    """
+    out: list[tuple[str, nn.Module]] = []
+    prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if _is_wrapper(module):
+            prefixes.append(f"{name}." if name else "")
+            continue
+        for prefix in sorted(prefixes, key=len, reverse=True):
+            if name.startswith(prefix):
+                rest = name[len(prefix) :]
+                for wrapped in _WRAPPER_PREFIXES:
+                    if rest.startswith(wrapped) or rest == wrapped[:-1]:
+                        name = rest[len(wrapped) :]
+                        break
+                break
+        out.append((name, module))
+    return out
+
+
+def strip_wrapper_prefix(name: str, model: nn.Module) -> str:
+    """A parameter or module name of ``model`` with its wrappers' prefixes taken out."""
+    module = model
+    while _is_wrapper(module):
+        for prefix in _WRAPPER_PREFIXES:
+            child = getattr(module, prefix[:-1], None)
+            if isinstance(child, nn.Module) and name.startswith(prefix):
+                name, module = name[len(prefix) :], child
+                break
+        else:
+            break
+    return name
+
+
 def select_layers(model: nn.Module, config: Config) -> list[Layer]:
     """Every leaf module matching include/exclude, classified, with config overrides applied."""
     layers: list[Layer] = []
-    for name, module in model.named_modules():
+    for name, module in named_modules(model):
         if any(True for _ in module.children()):
             continue
-        name = name or ROOT_NAME
-        if not _matches(name, config.include) or _matches(name, config.exclude):
-            continue
-        info = classify(module)
-        kind = _first_match(name, config.kinds)
-        if kind is not None:
-            info = with_kind(info, Kind(kind))
-            if info.kind is Kind.CLIPPING and info.bounds is None:
-                raise ConfigError(
-                    f"config field 'kinds': layer {name!r} ({type(module).__name__}) cannot be"
-                    " 'clipping': its clip bounds are unknown; clipping applies to Hardtanh,"
-                    " ReLU6 and Hardsigmoid"
-                )
-        axis = _first_match(name, config.unit_axis)
-        axis_spec = int(axis) if axis is not None else info.unit_axis
+        layer = make_layer(len(layers), name or ROOT_NAME, module, classify(module), config)
+        if layer is not None:
+            layers.append(layer)
+    return layers
+
+
+def make_layer(
+    index: int,
+    name: str,
+    module: nn.Module,
+    info: KindInfo,
+    config: Config,
+    functional: bool = False,
+) -> Layer | None:
+    """One monitored layer with the config's overrides applied; None if include/exclude drop it."""
+    if not _matches(name, config.include) or _matches(name, config.exclude):
+        return None
+    kind = _first_match(name, config.kinds)
+    if kind is not None:
+        info = with_kind(info, Kind(kind))
+        if info.kind is Kind.CLIPPING and info.bounds is None:
+            raise ConfigError(
+                f"config field 'kinds': layer {name!r} ({type(module).__name__}) cannot be"
+                " 'clipping': its clip bounds are unknown; clipping applies to Hardtanh,"
+                " ReLU6 and Hardsigmoid"
+            )
+    axis = _first_match(name, config.unit_axis)
+    axis_spec = int(axis) if axis is not None else info.unit_axis
+    params: tuple[str, ...] = ()
+    if not functional:
         params = tuple(
             f"{name}.{p}" if name != ROOT_NAME else p
             for p, t in module.named_parameters(recurse=False)
             if t.requires_grad
         )
-        layers.append(Layer(len(layers), name, module, info, axis_spec, params))
-    return layers
+    return Layer(index, name, module, info, axis_spec, params, functional=functional)
 
 
 def _matches(name: str, globs: Iterable[str]) -> bool:
@@ -159,9 +229,16 @@ class Attacher:
         self._producer_axis: dict[tuple[int, tuple[int, ...]], int] = {}
         self._unresolved = len(layers)
         self._optimizers = list(optimizers)
+        self.scaler: Any = None  # a torch.amp.GradScaler, set by the monitor
+        self.grad_scale: Tensor | None = None  # the scale of this step's backward (device)
+        self.stepped = False  # whether an optimizer stepped since the last monitor step
         # Parameters: every trainable one, by its named_parameters() name, with its owning layer.
         owner = {p: layer.index for layer in layers for p in layer.params}
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = [
+            (strip_wrapper_prefix(n, model), p)
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        ]
         self.param_names = [n for n, _ in named]
         self.param_layers: list[int | None] = [owner.get(n) for n, _ in named]
         self._param_position = {id(p): i for i, (_, p) in enumerate(named)}
@@ -170,10 +247,31 @@ class Attacher:
         self._pending_update: tuple[list[Tensor], list[Tensor], Tensor, list[int]] | None = None
         self._pending_no_opt: tuple[list[int], Tensor] | None = None
         self._callback_queued = False
+        # Under torch.distributed (see share_norms): DTensor shards are measured locally, each
+        # step's total norm is this rank's weighted share, and the end-of-backward callback
+        # runs after DDP's gradient all-reduce.
+        self._dtensors = has_dtensor(self._params)
+        self._grad_share: Tensor | None = None  # per parameter: sqrt(1 / replicas)
+        self._defer_backward = False
+        self._deferred = False
         self._param_index_cache: dict[tuple[int, ...], Tensor] = {}
         self._optimizer_cache: dict[tuple[int, int, int], list[tuple[int, Tensor]]] = {}
         for layer in layers:
             self._handles.append(layer.module.register_forward_hook(self._make_forward_hook(layer)))
+        # Display order: a functional layer goes right after the layer that ran before it.
+        self.order: list[int] = [layer.index for layer in layers]
+        self.on_new_layer: Callable[[], None] = lambda: None  # the monitor refreshes its rules
+        self._last_run: int | None = None
+        self._sites: dict[str, Layer | None] = {}  # functional site -> layer (None: excluded)
+        self._owed: set[int] = set()  # layers with reentrant-checkpoint recomputes owed
+        self.functional: FunctionalCapture | None = None
+        if config.functional:
+            modules = [(n or ROOT_NAME, m) for n, m in named_modules(model)]
+            leaves = {layer.module for layer in layers if not layer.functional}
+            self.functional = FunctionalCapture(
+                modules, leaves, self._functional_output, lambda: self.sampling
+            )
+            self._handles.extend(self.functional.register())
         # Parameter hooks run every step: the gradient-norm sentinel needs them even when
         # per-parameter statistics are off.
         if self._optimizers:
@@ -189,22 +287,70 @@ class Attacher:
     # ---- forward -------------------------------------------------------------------------
     def _make_forward_hook(self, layer: Layer) -> Callable[[nn.Module, Any, Any], None]:
         def forward_hook(module: nn.Module, args: Any, output: Any) -> None:
+            # Under torch.compile this check is traced (dynamo compiles a sampled and an
+            # unsampled variant); the recording is never traced: a graph break on sampled
+            # steps only. (dynamo.disable costs ~0.4 us a call in eager, sampled steps only.)
             if not self.sampling or layer.disabled:
                 return
-            if self.config.skip_no_grad and not torch.is_grad_enabled():
-                return
-            start = time.perf_counter()
-            try:
-                tensor = first_tensor(output)
-                if tensor is not None:
-                    with torch.no_grad():
-                        self._summarize_forward(layer, tensor, args)
-            except Exception as exc:  # contained: never break the user's forward
-                self._fail(layer, exc)
-            finally:
-                self.overhead_seconds += time.perf_counter() - start
+            self._record_eager(layer, output, args)
 
         return forward_hook
+
+    def _record(self, layer: Layer, output: Any, args: Any) -> None:
+        """Summarise one output of a layer (a module's, or a functional activation's)."""
+        if torch._C._current_graph_task_id() != -1:  # a checkpoint recomputing in backward
+            if not layer.owed_recompute:
+                return  # non-reentrant: this forward was recorded the first time
+            layer.owed_recompute -= 1  # reentrant: the first forward ran under no_grad
+        elif self.config.skip_no_grad and not torch.is_grad_enabled():
+            layer.owed_recompute += 1
+            self._owed.add(layer.index)
+            return
+        start = time.perf_counter()
+        try:
+            tensor = first_tensor(output)
+            if tensor is not None:
+                with torch.no_grad():
+                    self._summarize_forward(layer, tensor, args)
+        except Exception as exc:  # contained: never break the user's forward
+            self._fail(layer, exc)
+        finally:
+            self.overhead_seconds += time.perf_counter() - start
+
+    _record_eager = torch.compiler.disable(_record)
+
+    # ---- functional activations ----------------------------------------------------------
+    def _functional_output(
+        self, site: str, module: nn.Module, make_info: Callable[[], KindInfo], output: Any
+    ) -> None:
+        if not self.sampling:
+            return
+        if site in self._sites:
+            layer = self._sites[site]
+        else:
+            layer = self._add_functional_layer(site, module, make_info)
+        if layer is not None and not layer.disabled:
+            self._record(layer, output, ())
+
+    def _add_functional_layer(
+        self, site: str, module: nn.Module, make_info: Callable[[], KindInfo]
+    ) -> Layer | None:
+        try:
+            layer = make_layer(
+                len(self.layers), site, module, make_info(), self.config, functional=True
+            )
+        except ConfigError as exc:  # a kind override that cannot apply: skip, say why once
+            self.on_error(site, exc)
+            layer = None
+        self._sites[site] = layer
+        if layer is None:
+            return None
+        self.layers.append(layer)
+        self.aggregator.add_layer()
+        after = self.order.index(self._last_run) + 1 if self._last_run is not None else 0
+        self.order.insert(after, layer.index)
+        self.on_new_layer()
+        return layer
 
     def _summarize_forward(self, layer: Layer, output: Tensor, args: Any) -> None:
         x = stats.as_float32(output, f"layer {layer.name!r} output")
@@ -230,6 +376,7 @@ class Attacher:
         )
         rows = x.numel() // x.shape[spec.softmax_dim] if spec.softmax_dim is not None else 0
         self.aggregator.commit_forward(layer.index, x.numel(), hist, unit_max, linear, rows)
+        self._last_run = layer.index
         if self._unresolved and layer.unit_axis is not None:  # consumers inherit this unit axis
             self._producer_axis[(output.data_ptr(), tuple(output.shape))] = layer.unit_axis
         if self.config.gradients.output and output.requires_grad:
@@ -300,19 +447,27 @@ class Attacher:
         g = stats.as_float32(grad, f"layer {layer.name!r} output gradient")
         if g is None or g.device != self.aggregator.device:
             return
+        if self.scaler is not None and self.grad_scale is None:
+            scale = getattr(self.scaler, "_scale", None)  # what this backward was scaled by
+            if scale is not None and self.scaler.is_enabled():
+                self.grad_scale = scale.detach().clone()  # update() changes it in place later
         sums, maxes = self.aggregator.backward_rows()
         hist = stats.summarize_gradient(g, sums, maxes, self._grad_hist, self._grad_scratch)
         self.aggregator.commit_backward(layer.index, g.numel(), hist)
 
     # ---- parameter gradients -------------------------------------------------------------
     def _optimizer_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.stepped = True  # a GradScaler that skips the step never calls optimizer.step()
         start = time.perf_counter()
         try:
             watched = self._optimizer_params(optimizer)
             with_grad = [(pos, p.grad) for pos, p in watched if p.grad is not None]
             if with_grad:
                 positions = [pos for pos, _ in with_grad]
-                norms = torch.stack(torch._foreach_norm([g for _, g in with_grad]))
+                grads = [g for _, g in with_grad]
+                if self._dtensors:  # a shard's own norm; the ranks' squares add at the flush
+                    grads = local_tensors(grads)
+                norms = torch.stack(torch._foreach_norm(grads))
                 self._take_param_norms(positions, norms, measure_update=True)
         except Exception as exc:
             self._fail(None, exc)
@@ -360,12 +515,22 @@ class Attacher:
         torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
 
     def _end_of_backward(self) -> None:
+        if self._defer_backward and not self._deferred:
+            # DDP queues the callback that finishes its gradient all-reduce after ours (when
+            # its last bucket is ready); queued again, ours runs after it and sees the
+            # averaged gradients, not this rank's local ones.
+            self._deferred = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            return
+        self._deferred = False
         self._callback_queued = False
         start = time.perf_counter()
         try:
             positions = [i for i, p in enumerate(self._params) if p.grad is not None]
             if positions:
                 grads = [self._params[i].grad for i in positions]
+                if self._dtensors:
+                    grads = local_tensors(grads)  # type: ignore[arg-type,assignment]
                 norms = torch.stack(torch._foreach_norm(grads))  # type: ignore[arg-type]
                 # Accumulation: a later backward of the same step sees the summed gradient and
                 # replaces this; the step's last backward is what monitor.step() records.
@@ -388,11 +553,19 @@ class Attacher:
         per-parameter gradient and weight norms, and start measuring the update."""
         params = [self._params[i] for i in positions]
         self.aggregator.ensure_device(norms.device)
-        self._step_grad_norms.append(norms)
+        share = self._grad_share
+        if share is None:
+            self._step_grad_norms.append(norms)
+        else:  # distributed: sqrt(sum w * norm^2) is this rank's share of the global norm
+            if share.device != norms.device:
+                share = self._grad_share = share.to(norms.device)
+            self._step_grad_norms.append(norms * share[self._param_index(positions)])
         if not (self.sampling and self.config.gradients.parameters):
             return
         index = self._param_index(positions)
         detached = [p.detach() for p in params]
+        if self._dtensors:
+            detached = local_tensors(detached)
         weights = torch.stack(torch._foreach_norm(detached))
         self.aggregator.record_params(index, norms, weights, None, positions)
         if measure_update and self.measure_update and self.config.gradients.update_ratio:
@@ -404,8 +577,20 @@ class Attacher:
                 return
             self._pending_update = (before, detached, index, positions)
 
+    def share_norms(self, weights: Tensor) -> None:
+        """Under torch.distributed: weigh each parameter's squared norm by ``weights`` (1 /
+        replicas, see :func:`actmon.distributed.param_weights`) in the step's total gradient
+        norm, and take norms without an optimizer after DDP's gradient all-reduce."""
+        self._grad_share = weights.to(torch.float32).sqrt()
+        self._defer_backward = True
+
     def end_step(self) -> Tensor | None:
         """The step's total parameter-gradient norm (a device scalar), or None if none was seen."""
+        for index in self._owed:
+            self.layers[index].owed_recompute = 0
+        self._owed.clear()
+        if self.functional is not None:
+            self.functional.reset()
         if self._pending_no_opt is not None:
             positions, norms = self._pending_no_opt
             self._pending_no_opt = None
@@ -428,6 +613,8 @@ class Attacher:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self.functional is not None:
+            self.functional.reset()
         for p in self._restore_none:  # the model's hook slots exactly as they were
             if not p._post_accumulate_grad_hooks:
                 p._post_accumulate_grad_hooks = None  # type: ignore[assignment]

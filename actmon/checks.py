@@ -60,9 +60,11 @@ def _alert(
 
 def attach_checks(model: nn.Module, has_loss_fn: bool) -> list[Alert]:
     """Structural checks on the model as watched (step 0)."""
+    from actmon.attach import named_modules  # layer names without DDP / compile prefixes
+
     leaves = [
         (name or "(root)", m)
-        for name, m in model.named_modules()
+        for name, m in named_modules(model)
         if not any(True for _ in m.children())
     ]
     kinds = [(name, classify(m).kind, m) for name, m in leaves]

@@ -176,9 +176,17 @@ class Config(_Strict):
     # given in a file or override replaces the default pack.
     rules: list[Rule] = Field(default_factory=lambda: [r.model_copy() for r in DEFAULT_RULES])
     checks: bool = True  # model checks at attach / first loss call (double softmax, init, ...)
+    # Activation functions called in a forward (F.relu, torch.sigmoid, ...) are layers too,
+    # named "<module>.<fn>#<k>" (actmon.functional).
+    functional: bool = True
     gate: GateConfig = Field(default_factory=GateConfig)  # read by `actmon gate` only
     skip_no_grad: bool = True  # forwards under torch.no_grad() (evaluation) are not recorded
     escalate_on_nonfinite: bool = True  # sample every step after a window saw a non-finite loss
+    # Under torch.distributed (more than one rank; ignored otherwise). "reduce": each window is
+    # reduced over the ranks at its flush (a unit is dead only when dead on every rank), every
+    # rank gets the same Snapshot, and rank 0 alone runs sinks. "per_rank": no collectives;
+    # every rank exports its own view with a `rank` label (see actmon.distributed).
+    distributed: Literal["reduce", "per_rank"] = "reduce"
     history: int = Field(100, ge=1)  # snapshots kept in ``monitor.history``
     strict: bool = False  # raise on a hook failure instead of skipping the layer (tests use it)
 

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from actmon import distributed
 from actmon.aggregate import Aggregator
 from actmon.attach import Attacher, Layer, select_layers
 from actmon.checks import attach_checks, loss_input_check
 from actmon.config import Config, load_config
-from actmon.errors import HookError, MonitorStateError
+from actmon.errors import ConfigError, HookError, MonitorStateError
 from actmon.rules import Alert, AlertError, RuleEngine
 from actmon.sinks import Sink
 from actmon.sinks.build import build_sinks
@@ -47,6 +48,8 @@ class Monitor:
         *,
         extra_sinks: Iterable[Sink] = (),
         loss_fn: nn.Module | None = None,
+        scaler: Any = None,
+        process_group: Any = None,
         **overrides: Any,
     ) -> None:
         if model in _WATCHED:
@@ -58,6 +61,11 @@ class Monitor:
         self.run = self.config.run_name or datetime.now(timezone.utc).strftime(
             "actmon-%Y%m%d-%H%M%S"
         )
+        # torch.distributed: which rank exports what (None in a single process). Every rank
+        # takes rank 0's run name, so their exports line up (one broadcast, here only).
+        self._dist = distributed.context(self.config.distributed, process_group)
+        if self._dist is not None:
+            self.run = self._dist.same_on_all_ranks(self.run)
         optimizers = [
             _unwrap(opt)
             for opt in (
@@ -68,6 +76,11 @@ class Monitor:
                 else list(optimizer)
             )
         ]
+        if scaler is not None and not optimizers:
+            raise ConfigError(
+                "watch(scaler=...): a GradScaler needs the optimizer too (watch(model,"
+                " optimizer, scaler=scaler)); skipped steps are the optimizer steps it skips"
+            )
         self._layers: list[Layer] = select_layers(model, self.config)
         self.errors: dict[str, int] = {}  # contained failures by where (layer, "sink:<name>")
         self._errors_lock = threading.Lock()  # sinks report from their own threads
@@ -98,10 +111,19 @@ class Monitor:
         self._to_raise: Alert | None = None
         self._loss_hook = None
         self._runners: list[SinkRunner] = []
-        named = build_sinks(self.config, self.run, lambda: self.layers, self._record_sink_error)
-        named += [(type(sink).__name__, sink) for sink in self._user_sinks]
-        for name, sink in named:
-            self._start_sink(name, sink)
+        dist = self._dist
+        if dist is None or dist.exports:  # reduce mode: rank 0 alone runs sinks
+            named = build_sinks(
+                self.config,
+                self.run,
+                lambda: self.layers,
+                self._record_sink_error,
+                rank=None if dist is None else dist.label,
+                local_rank=0 if dist is None else dist.local_rank,
+            )
+            named += [(type(sink).__name__, sink) for sink in self._user_sinks]
+            for name, sink in named:
+                self._start_sink(name, sink)
         # Buffers live where the model's parameters are (the first tensor a hook sees may be an
         # odd one); a model without parameters gets them on its first summarised tensor.
         device = next((p.device for p in model.parameters() if p.device.type != "meta"), None)
@@ -110,6 +132,16 @@ class Monitor:
         self._attacher = Attacher(
             model, self._layers, self._aggregator, self.config, optimizers, self._record_error
         )
+        self._attacher.on_new_layer = self._layers_changed
+        if dist is not None:
+            params = [p for p in model.parameters() if p.requires_grad]
+            weights = distributed.param_weights(params, dist.world)
+            self._attacher.share_norms(torch.from_numpy(weights))
+            if dist.mode == "reduce":
+                self._aggregator.reducer = distributed.Reducer(
+                    dist, weights, distributed.Reducer.default_device(dist.group)
+                )
+        self._attacher.scaler = scaler
         if self.config.checks:
             self._pending_alerts.extend(attach_checks(model, loss_fn is not None))
             if loss_fn is not None:
@@ -124,7 +156,9 @@ class Monitor:
     @property
     def layers(self) -> list[LayerInfo]:
         """Every monitored layer: name, kind, unit axis and number of units."""
-        return [layer.public() for layer in self._layers]
+        attacher = getattr(self, "_attacher", None)  # rules are validated before hooks attach
+        order = attacher.order if attacher is not None else range(len(self._layers))
+        return [self._layers[i].public() for i in order]
 
     @property
     def step_count(self) -> int:
@@ -180,7 +214,12 @@ class Monitor:
         return self._flush()
 
     def add_sink(self, sink: Sink, name: str | None = None) -> None:
-        """Send every later Snapshot to ``sink`` too (run on its own thread, like the others)."""
+        """Send every later Snapshot to ``sink`` too (run on its own thread, like the others).
+
+        Ignored on ranks other than 0 under torch.distributed in "reduce" mode (rank 0 exports).
+        """
+        if self._dist is not None and not self._dist.exports:
+            return
         self._start_sink(name or type(sink).__name__, sink)
 
     @property
@@ -210,6 +249,8 @@ class Monitor:
         """
         if self._closed:
             return
+        if status != "finished":  # another rank may be gone: no collective (it would hang)
+            self._aggregator.reducer = None
         try:
             self.flush()
         finally:
@@ -252,7 +293,13 @@ class Monitor:
                 )
             agg.ensure_device(loss_t.device)
         agg.record_sentinel(loss_t, total)
-        agg.end_step(self._step + 1, self._attacher.sampling)
+        attacher = self._attacher
+        skipped = None
+        if attacher.scaler is not None and attacher.scaler.is_enabled():
+            skipped = not attacher.stepped  # the scaler found Inf/NaN gradients
+        agg.end_step(self._step + 1, attacher.sampling, skipped, attacher.grad_scale)
+        attacher.stepped = False
+        attacher.grad_scale = None
 
     def _flush(self) -> Snapshot | None:
         start = time.perf_counter()
@@ -263,15 +310,19 @@ class Monitor:
             snapshot = build_snapshot(
                 data,
                 self.run,
-                self.layers,
+                [layer.public() for layer in self._layers],
                 list(zip(self._attacher.param_names, self._attacher.param_layers, strict=True)),
                 self.config,
                 self._aggregator.unit_offsets,
+                order=self._attacher.order,
             )
             with self._errors_lock:
                 errors = dict(self.errors)
             snapshot = replace(
-                snapshot, overhead_seconds_total=self.overhead_seconds_total, internal_errors=errors
+                snapshot,
+                overhead_seconds_total=self.overhead_seconds_total,
+                internal_errors=errors,
+                rank=None if self._dist is None else self._dist.label,
             )
             self.history.append(snapshot)
             self._after_window(snapshot)
@@ -289,6 +340,10 @@ class Monitor:
                 self._dispatch(alert)
         return snapshot
 
+    def _layers_changed(self) -> None:
+        """A functional activation became a layer: rules select from the new list."""
+        self._engine.layers = self.layers
+
     def _dispatch(self, alert: Alert) -> None:
         """Record an alert event and carry out its rule's actions."""
         self.alerts.append(alert)
@@ -301,7 +356,7 @@ class Monitor:
         for runner in self._runners:
             runner.submit(alert)
         actions = alert.actions
-        if "log" in actions:
+        if "log" in actions and self._exports:
             level = {"info": logging.INFO, "warning": logging.WARNING, "critical": logging.ERROR}[
                 alert.severity
             ]
@@ -328,16 +383,26 @@ class Monitor:
         if nonfinite is not None and self.first_nonfinite is None:
             self.first_nonfinite = nonfinite
             where = f" in layer {nonfinite.layer!r}" if nonfinite.layer else ""
-            log.warning(
-                "actmon: first non-finite %s at step %d%s", nonfinite.source, nonfinite.step, where
-            )
+            if self._exports:
+                log.warning(
+                    "actmon: first non-finite %s at step %d%s",
+                    nonfinite.source,
+                    nonfinite.step,
+                    where,
+                )
         # Pinpoint the offender: after a window with a non-finite loss or gradient norm that no
         # sampled step explained, sample every step until a layer is named.
         if self.config.escalate_on_nonfinite:
             unexplained = nonfinite is not None and nonfinite.layer is None
-            if unexplained and not self._escalated:
+            if unexplained and not self._escalated and self._exports:
                 log.warning("actmon: sampling every step to find the first non-finite layer")
             self._escalated = unexplained or (self._escalated and not _has_layer(nonfinite))
+
+    @property
+    def _exports(self) -> bool:
+        """Whether this process exports and logs: not the ranks other than 0 of a reduced run
+        (they hold the same windows and alerts as rank 0; logging them too repeats each line)."""
+        return self._dist is None or self._dist.exports
 
     def _start_sink(self, name: str, sink: Sink) -> None:
         sinks = self.config.sinks
@@ -397,6 +462,8 @@ def watch(
     *,
     extra_sinks: Iterable[Sink] = (),
     loss_fn: nn.Module | None = None,
+    scaler: Any = None,
+    process_group: Any = None,
     **overrides: Any,
 ) -> Monitor:
     """Attach actmon to every leaf layer of ``model``.
@@ -407,8 +474,28 @@ def watch(
     The built-in sinks are configured under ``sinks`` (e.g. ``sinks={"prometheus":
     {"enabled": True}}``); ``extra_sinks`` adds objects with ``write(snapshot)``/``close()``.
     Pass the ``loss_fn`` module to let the model checks look at what the loss receives.
+    With mixed precision pass the ``scaler`` (``torch.amp.GradScaler``): output-gradient
+    statistics are unscaled, and steps it skips (overflowed gradients) are counted as
+    ``amp_skipped_steps`` instead of raising a NaN alarm.
+
+    Under ``torch.distributed`` call it on every rank, after wrapping the model (DDP,
+    ``fully_shard``); layer and parameter names are those of the unwrapped model. By default
+    (``distributed="reduce"``) each window is reduced over the ranks of ``process_group`` (the
+    default group if None) when it ends, every rank gets the same Snapshot, and only rank 0
+    runs sinks (built-in, ``extra_sinks`` and ``add_sink``); every rank must then call
+    ``step()`` and ``flush()`` equally often. ``distributed="per_rank"`` exports each rank's
+    own view instead (see :mod:`actmon.distributed`).
     """
-    return Monitor(model, optimizer, config, extra_sinks=extra_sinks, loss_fn=loss_fn, **overrides)
+    return Monitor(
+        model,
+        optimizer,
+        config,
+        extra_sinks=extra_sinks,
+        loss_fn=loss_fn,
+        scaler=scaler,
+        process_group=process_group,
+        **overrides,
+    )
 
 
 __all__ = ["Monitor", "watch"]

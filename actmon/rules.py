@@ -178,6 +178,8 @@ class RuleEngine:
                     f" configured: {', '.join(sorted(qs))}"
                 )
             narrowed = {"globs", "kinds"} & rule.layers.model_fields_set
+            if any("#" in glob for glob in rule.layers.globs):
+                continue  # functional layers ("<module>.<fn>#<k>") are found while running
             # A rule that names layers or kinds must match one; with the default selection a
             # metric that applies to no layer of this model (no softmax, say) is simply idle.
             if not rule.run_level and narrowed and not self.selected(rule):
@@ -357,6 +359,17 @@ DEFAULT_RULES: list[Rule] = [
         summary="NaN or Inf values appeared (the layer is the first offender in forward order)",
         runbook="Check the named layer's inputs and the learning rate; use gradient "
         "clipping, a GradScaler under fp16, or a smaller eps.",
+    ),
+    _rule(
+        name="amp_skips_persist",
+        metric="amp_skip_fraction",
+        op=">",
+        threshold=0.5,
+        for_steps=50,
+        severity="critical",
+        summary="the GradScaler skipped most steps for 50 steps: gradients keep overflowing",
+        runbook="The loss scale keeps falling: look for a layer producing Inf/NaN (bf16 or "
+        "float32 there), a too high learning rate, or a bad batch.",
     ),
     _rule(
         name="exploding_gradients",

@@ -34,6 +34,7 @@ _LAYER_METRICS = {
 _RUN_METRICS = {
     "loss": "actmon_loss",
     "grad_norm_total": "actmon_grad_norm_total",
+    "amp_skip_fraction": "actmon_amp_skip_fraction",
     "nonfinite_count": "sum by (run) (increase(actmon_nonfinite_total[{range}]))",
     "grad_norm_spike": (
         "actmon_grad_norm_total / quantile_over_time(0.5, actmon_grad_norm_total[1h] offset"

@@ -8,6 +8,7 @@ raw window (:class:`~actmon.aggregate.WindowData`) into the metrics users read.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -63,7 +64,15 @@ LAYER_METRICS = (
     "weight_norm",
     "update_ratio",
 )
-RUN_METRICS = ("loss", "loss_last", "grad_norm_total", "grad_norm_total_max", "nonfinite_count")
+RUN_METRICS = (
+    "loss",
+    "loss_last",
+    "grad_norm_total",
+    "grad_norm_total_max",
+    "nonfinite_count",
+    "amp_skipped_steps",
+    "amp_skip_fraction",
+)
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,12 @@ class Snapshot:
     params: dict[str, ParamStats]
     overhead_seconds_total: float = 0.0  # the monitor's own host time so far
     internal_errors: dict[str, int] = field(default_factory=dict)  # so far, by where
+    # The rank whose own view this is (distributed: per_rank); None for a single process and
+    # for windows reduced over every rank.
+    rank: int | None = None
+    # With a GradScaler: the window's steps it skipped (overflowed gradients), and their share.
+    amp_skipped_steps: int | None = None
+    amp_skip_fraction: float | None = None
 
     @property
     def nonfinite_count(self) -> int:
@@ -185,13 +200,19 @@ def build_snapshot(
     params: list[tuple[str, int | None]],
     config: Config,
     unit_offsets: dict[int, tuple[int, int]],
+    order: Sequence[int] | None = None,
 ) -> Snapshot:
-    """Derive every metric of a window from the raw counts (host only, numpy)."""
+    """Derive every metric of a window from the raw counts (host only, numpy).
+
+    ``layers`` is indexed like the data; ``order`` is the display order of the Snapshot's layers.
+    """
     layer_stats: dict[str, LayerStats] = {}
-    for i, info in enumerate(layers):
+    for i in order if order is not None else range(len(layers)):
+        info = layers[i]
         if data.host.calls[i] == 0:
             continue
-        layer_stats[info.name] = _layer_stats(i, info, data, config, unit_offsets.get(i))
+        with np.errstate(invalid="ignore", over="ignore"):  # Inf - Inf: NaN std, as torch
+            layer_stats[info.name] = _layer_stats(i, info, data, config, unit_offsets.get(i))
     _add_param_norms(layer_stats, layers, params, data)
     losses, totals = data.sentinel[:, 0], data.sentinel[:, 1]
     loss_given = _flags(data.host.loss_given, len(losses))
@@ -215,6 +236,10 @@ def build_snapshot(
         first_nonfinite=_first_nonfinite(data, layers, loss_given, grad_given),
         layers=layer_stats,
         params=_param_stats(layers, params, data),
+        amp_skipped_steps=sum(data.host.amp_skipped) if data.host.amp_skipped else None,
+        amp_skip_fraction=sum(data.host.amp_skipped) / len(data.host.amp_skipped)
+        if data.host.amp_skipped
+        else None,
     )
 
 

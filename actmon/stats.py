@@ -137,6 +137,22 @@ def symlog_index(flat: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.bitwise_right_shift(bits, SYMLOG_SHIFT, out=out).add_(HALF)
 
 
+def unscale_hist(hists: Tensor, scale: Tensor) -> Tensor:
+    """Raw histograms (..., 2048) of ``x * scale`` moved to the bins of ``x`` (on the device).
+
+    Multiplying by 2**e moves a normal float exactly 4*e bins up, so for GradScaler's
+    power-of-two scales this is exact; other scales round to the nearest bin. Zero, NaN and
+    Inf bins stay; values that would fall below the smallest bin land in the zero bin.
+    """
+    device = hists.device
+    shift = torch.log2(scale.reshape(()).float()).mul(4).round().long()
+    j = torch.arange(HALF, device=device)
+    finite = (j > 0) & (j < INF_J)
+    moved = torch.where(finite, (j - shift).clamp(0, INF_J - 1), j)
+    dest = torch.cat([moved, moved + HALF])
+    return torch.zeros_like(hists).index_add_(hists.dim() - 1, dest, hists)
+
+
 def summarize_activation(
     x: Tensor,
     spec: ActivationSpec,

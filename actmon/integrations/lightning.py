@@ -42,8 +42,15 @@ class ActmonCallback(pl.Callback):
             overrides.setdefault("run_name", f"{logger.name}-version_{logger.version}")
             sinks = overrides.setdefault("sinks", {})
             sinks.setdefault("tensorboard", {}).setdefault("log_dir", logger.log_dir)
+        # precision="16-mixed" trains with a GradScaler: its skipped steps are counted, and
+        # output gradients unscaled (actmon.watch(scaler=...)).
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.monitor = actmon.watch(
-            pl_module, optimizer=list(trainer.optimizers), config=self.config, **overrides
+            pl_module,
+            optimizer=list(trainer.optimizers),
+            config=self.config,
+            scaler=scaler if trainer.optimizers else None,
+            **overrides,
         )
         self._last_global_step = trainer.global_step
 

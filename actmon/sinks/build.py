@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from actmon.config import Config
 from actmon.errors import ConfigError
@@ -16,11 +17,18 @@ def build_sinks(
     run: str,
     layers: Callable[[], list[LayerInfo]],
     on_error: Callable[[str, BaseException], None],
+    rank: int | None = None,
+    local_rank: int = 0,
 ) -> list[tuple[str, Sink]]:
     """(name, sink) for every enabled sink that could start, in the order they receive windows.
 
     A sink that cannot start (an unwritable directory, say) is reported to ``on_error`` and left
     out; training goes on without it. Only a ConfigError (e.g. ``port_in_use: error``) is raised.
+
+    ``rank`` is set when each rank exports its own view (``distributed: per_rank``): the store
+    and TensorBoard paths get a ``rank<N>`` directory (unless they hold ``{rank}``), Prometheus
+    series a ``rank`` label, the endpoint port is offset by ``local_rank`` (ranks sharing a
+    machine), and only rank 0 shows the console view.
     """
     cfg = config.sinks
     makers: list[tuple[str, Callable[[], Sink]]] = []
@@ -29,7 +37,7 @@ def build_sinks(
         def store() -> Sink:
             from actmon.sinks.store import StoreSink
 
-            path = cfg.store.path.format(run=run)
+            path = rank_path(cfg.store.path, run, rank, directory=False)
             return StoreSink(
                 path, run, config.model_dump_json(), layers, cfg.store.busy_timeout_seconds
             )
@@ -40,7 +48,10 @@ def build_sinks(
         def prometheus() -> Sink:
             from actmon.sinks.prometheus import PrometheusSink
 
-            return PrometheusSink(cfg.prometheus, run)
+            prom = cfg.prometheus
+            if rank is not None and prom.mode == "endpoint" and prom.port:
+                prom = prom.model_copy(update={"port": prom.port + local_rank})
+            return PrometheusSink(prom, run, rank=rank)
 
         makers.append(("prometheus", prometheus))
     if cfg.tensorboard.enabled:
@@ -48,12 +59,12 @@ def build_sinks(
         def tensorboard() -> Sink:
             from actmon.sinks.tensorboard import TensorBoardSink
 
-            log_dir = cfg.tensorboard.log_dir.format(run=run)
+            log_dir = rank_path(cfg.tensorboard.log_dir, run, rank, directory=True)
             return TensorBoardSink(log_dir, cfg.tensorboard.histograms)
 
         makers.append(("tensorboard", tensorboard))
     console = cfg.console.enabled
-    if console is True or (console == "auto" and sys.stdout.isatty()):
+    if (console is True or (console == "auto" and sys.stdout.isatty())) and not rank:
 
         def console_sink() -> Sink:
             from actmon.sinks.console import ConsoleSink
@@ -70,3 +81,15 @@ def build_sinks(
         except Exception as exc:
             on_error(name, exc)
     return sinks
+
+
+def rank_path(template: str, run: str, rank: int | None, directory: bool) -> str:
+    """A sink's path from its template: ``{run}`` and ``{rank}`` filled in. With a per-rank
+    ``rank`` and no ``{rank}`` in the template, the rank gets its own ``rank<N>`` directory:
+    ``runs/r/actmon.db`` -> ``runs/r/rank1/actmon.db`` (a file), ``runs/r/tensorboard`` ->
+    ``runs/r/tensorboard/rank1`` (a directory), so ranks never write to one file."""
+    path = template.format(run=run, rank=0 if rank is None else rank)
+    if rank is None or "{rank}" in template:
+        return path
+    p = Path(path)
+    return str(p / f"rank{rank}" if directory else p.parent / f"rank{rank}" / p.name)

@@ -89,11 +89,16 @@ class _SnapshotCollector(Collector):
 
 
 class PrometheusSink:
-    """Exposes the latest window; counters accumulate over the run."""
+    """Exposes the latest window; counters accumulate over the run.
 
-    def __init__(self, config: PrometheusSinkConfig, run: str) -> None:
+    ``rank`` (per-rank export under torch.distributed) adds a ``rank`` label to every series
+    and to the Pushgateway grouping key, so ranks never overwrite each other's values.
+    """
+
+    def __init__(self, config: PrometheusSinkConfig, run: str, rank: int | None = None) -> None:
         self.config = config
         self.run = run
+        self.rank = rank
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_SnapshotCollector(self))
         self._lock = threading.Lock()
@@ -195,7 +200,9 @@ class PrometheusSink:
             c.pushgateway_url,
             job=c.job,
             registry=self.registry,
-            grouping_key={"run": self.run},
+            grouping_key={"run": self.run}
+            if self.rank is None
+            else {"run": self.run, "rank": str(self.rank)},
             timeout=5.0,
             handler=handler,
         )
@@ -293,6 +300,8 @@ class PrometheusSink:
         for (rule, layer, severity), value in sorted(alert_active.items()):
             active.add_metric([run, bounded(rule), bounded(layer), severity], value)
         out.extend([fired, active])
+        if self.rank is not None:  # every series of a per-rank export carries its rank
+            _add_label(out, "rank", str(self.rank))
         return out
 
     def _run_families(self, snap: Snapshot) -> list[Metric]:
@@ -308,6 +317,16 @@ class PrometheusSink:
                 "actmon_grad_norm_total",
                 snap.grad_norm_total,
                 "Total parameter-gradient L2 norm (RMS over the window's steps).",
+            ),
+            (
+                "actmon_amp_skipped_steps",
+                snap.amp_skipped_steps,
+                "Steps of the latest window that the GradScaler skipped (overflowed gradients).",
+            ),
+            (
+                "actmon_amp_skip_fraction",
+                snap.amp_skip_fraction,
+                "Share of the latest window's steps that the GradScaler skipped.",
             ),
         ):
             family = GaugeMetricFamily(name, help_text, labels=["run"])
@@ -343,6 +362,11 @@ def bounded(value: str) -> str:
         return value
     digest = hashlib.sha1(value.encode()).hexdigest()[:8]
     return f"{value[: MAX_LABEL - 10]}…{digest}"
+
+
+def _add_label(families: list[Metric], name: str, value: str) -> None:
+    for family in families:
+        family.samples = [s._replace(labels={**s.labels, name: value}) for s in family.samples]
 
 
 def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
