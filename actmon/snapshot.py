@@ -107,6 +107,9 @@ class LayerStats:
     output_grad_abs_max: float | None = None
     output_grad_nan_count: int = 0
     output_grad_inf_count: int = 0
+    # Output-gradient histogram (symmetric-log edges) when ``gradients.histogram`` is on.
+    output_grad_hist_edges: np.ndarray | None = field(default=None, repr=False)
+    output_grad_hist_counts: np.ndarray | None = field(default=None, repr=False)
     grad_norm: float | None = None  # parameter gradient L2 norm of the layer (RMS over steps)
     weight_norm: float | None = None
     update_ratio: float | None = None  # ||delta w|| / ||w||
@@ -287,6 +290,12 @@ def _layer_stats(
             dead_units, dead_fraction, dead_batch = never_active, never_active / units, batch
     rows = int(host.softmax_rows[i])
     grad_steps = int(host.grad_steps[i])
+    grad_edges = grad_counts = None
+    if config.gradients.histogram and grad_steps:
+        hc = config.histogram
+        grad_edges, grad_counts = histogram.symlog_view(
+            data.grad_hist[i], hc.min_exp, hc.max_exp, hc.bins_per_octave
+        )
     grad_sumsq, grad_nonfinite, grad_nan = data.grad_sum[i]
     return LayerStats(
         name=info.name,
@@ -319,6 +328,8 @@ def _layer_stats(
         else None,
         output_grad_nan_count=int(grad_nan),
         output_grad_inf_count=int(grad_nonfinite - grad_nan),
+        output_grad_hist_edges=grad_edges,
+        output_grad_hist_counts=grad_counts,
     )
 
 

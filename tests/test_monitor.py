@@ -402,3 +402,29 @@ def test_changing_unit_count_is_contained():
     monitor.close()
     assert monitor.errors == {"act": 1}
     assert monitor.snapshot().layers["act"].calls == 1
+
+
+def test_gradient_accumulation_with_an_optimizer_is_one_step_over_all_micro_batches():
+    model = mlp_with_dead_units()
+    cap = Capture(model, ["1"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = actmon.watch(model, opt, log_every=2, sample_every=1, strict=True)
+    accumulated = []
+    for _ in range(2):
+        for _ in range(4):  # four micro-batches per optimizer step
+            (model(torch.randn(4, 20)).pow(2).mean() / 4).backward()
+        accumulated.append(float(model[2].weight.grad.double().norm()))
+        opt.step()
+        opt.zero_grad()
+        monitor.step()
+    monitor.close()
+    snap = monitor.snapshot()
+    assert snap.window == (1, 2)  # two optimizer steps, not eight micro-batches
+    relu = snap.layers["1"]
+    ref = reference_stats(cap.outputs["1"], unit_axis=-1)
+    assert relu.calls == 8
+    assert relu.count == ref["count"] == 8 * 4 * 32
+    assert relu.mean == pytest.approx(ref["mean"], rel=1e-6)
+    assert relu.dead_units == ref["dead_units"]
+    got = snap.params["2.weight"].grad_norm  # taken once, on the accumulated gradient
+    assert got == pytest.approx(math.sqrt(np.mean(np.square(accumulated))), rel=1e-6)

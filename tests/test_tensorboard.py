@@ -89,3 +89,36 @@ def test_alerts_are_written_as_text_summaries(tmp_path):
     expected = [(a.step, a.message()) for a in monitor.alerts]
     assert expected
     assert texts == expected
+
+
+def test_output_gradient_histograms_read_back_equal_plain_torch_binning(tmp_path):
+    from actmon import histogram
+    from tests.conftest import Capture, reference_raw_hist
+
+    log_dir = tmp_path / "tb"
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
+    cap = Capture(model, ["1"], grads=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sinks = {"store": {"enabled": False}, "tensorboard": {"enabled": True, "log_dir": str(log_dir)}}
+    with actmon.watch(
+        model, opt, log_every=3, sample_every=1, sinks=sinks, gradients={"histogram": True}
+    ) as monitor:
+        for _ in range(3):
+            model(torch.randn(8, 6)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            monitor.step()
+    layer = monitor.snapshot().layers["1"]
+    hc = monitor.config.histogram
+    edges, want = histogram.symlog_view(
+        reference_raw_hist(cap.grads["1"]), hc.min_exp, hc.max_exp, hc.bins_per_octave
+    )
+    np.testing.assert_array_equal(layer.output_grad_hist_counts, want)
+    events = _read(log_dir).Histograms("actmon/grad_hist/1")
+    assert [e.step for e in events] == [3]
+    value = events[0].histogram_value
+    used = np.nonzero(want)[0]
+    lo, hi = used[0], used[-1] + 1
+    np.testing.assert_allclose(value.bucket, want[lo:hi])
+    np.testing.assert_allclose(value.bucket_limit, edges[lo + 1 : hi + 1])
+    assert value.num == sum(g.numel() for g in cap.grads["1"])

@@ -38,20 +38,53 @@ class TensorBoardSink:
                 self._histogram(layer, step)
 
     def _histogram(self, layer: LayerStats, step: int) -> None:
-        counts = np.asarray(layer.hist_counts, dtype=np.float64)
-        edges = np.asarray(layer.hist_edges, dtype=np.float64)
+        if math.isfinite(layer.min) and math.isfinite(layer.max):
+            finite = layer.count - layer.nan_count - layer.posinf_count - layer.neginf_count
+            self._raw(
+                f"actmon/hist/{layer.name}",
+                layer.hist_edges,
+                layer.hist_counts,
+                layer.mean * layer.count,
+                (layer.std**2 + layer.mean**2) * layer.count,
+                step,
+                (layer.min, layer.max, finite),
+            )
+        if layer.output_grad_hist_counts is not None and layer.output_grad_hist_edges is not None:
+            self._raw(
+                f"actmon/grad_hist/{layer.name}",
+                layer.output_grad_hist_edges,
+                layer.output_grad_hist_counts,
+                0.0,  # the gradient's sum is not kept; its sum of squares is
+                (layer.output_grad_norm or 0.0) ** 2 * layer.sampled_steps,
+                step,
+            )
+
+    def _raw(
+        self,
+        tag: str,
+        edges_in: np.ndarray,
+        counts_in: np.ndarray,
+        total: float,
+        sum_squares: float,
+        step: int,
+        exact: tuple[float, float, int] | None = None,
+    ) -> None:
+        """One pre-binned histogram. ``exact``: (min, max, number of finite values) when known;
+        otherwise the outermost non-empty bucket edges and the counts' total."""
+        counts = np.asarray(counts_in, dtype=np.float64)
+        edges = np.asarray(edges_in, dtype=np.float64)
         used = np.nonzero(counts)[0]
-        if used.size == 0 or not (math.isfinite(layer.min) and math.isfinite(layer.max)):
+        if used.size == 0:
             return
         lo, hi = used[0], used[-1] + 1  # trim empty buckets at both ends
-        finite = layer.count - layer.nan_count - layer.posinf_count - layer.neginf_count
+        low, high, num = exact or (float(edges[lo]), float(edges[hi]), int(counts.sum()))
         self._writer.add_histogram_raw(
-            f"actmon/hist/{layer.name}",
-            min=layer.min,
-            max=layer.max,
-            num=finite,
-            sum=layer.mean * layer.count,
-            sum_squares=(layer.std**2 + layer.mean**2) * layer.count,
+            tag,
+            min=low,
+            max=high,
+            num=num,
+            sum=total,
+            sum_squares=sum_squares,
             bucket_limits=edges[lo + 1 : hi + 1].tolist(),
             bucket_counts=counts[lo:hi].tolist(),
             global_step=step,
