@@ -76,7 +76,9 @@ class TensorBoardSinkConfig(_Strict):
     """TensorBoard event files: scalars ``actmon/<metric>/<layer>``, pre-binned histograms."""
 
     enabled: bool = False
-    log_dir: str = "runs/{run}/tensorboard"  # {run} is replaced by the run name
+    # {run} is replaced by the run name, {rank} by the rank (distributed: per_rank puts each
+    # rank under rank<N>/ when the template has no {rank}).
+    log_dir: str = "runs/{run}/tensorboard"
     histograms: bool = True
 
 
@@ -115,7 +117,7 @@ class StoreSinkConfig(_Strict):
     """The SQLite run store that ``actmon gate`` and ``actmon report`` read."""
 
     enabled: bool = True
-    path: str = "runs/{run}/actmon.db"
+    path: str = "runs/{run}/actmon.db"  # {run}, {rank}: as for tensorboard.log_dir
     # How long a write waits for a lock another process holds before it fails (and is retried
     # by the sink runner with back-off): waiting happens on the sink's thread, not training's.
     busy_timeout_seconds: float = Field(5.0, gt=0)

@@ -164,10 +164,19 @@ _HEADER = ("layers", "parameters", "steps", "last step", "linear bins", "units",
 class Reducer:
     """Reduces each window over the ranks of a process group (``reduce`` mode)."""
 
-    def __init__(self, ctx: DistContext, weights: np.ndarray, device: torch.device) -> None:
+    def __init__(
+        self,
+        ctx: DistContext,
+        weights: np.ndarray,
+        device: torch.device,
+        zero: tuple[str, ...] = (),
+    ) -> None:
         self.ctx = ctx
         self.weights = weights  # per parameter, see param_weights()
         self.device = device  # where buffers go when no tensor was seen before the first flush
+        # Buffers the config keeps at zero on every rank (output-gradient histograms when they
+        # are off): not sent, which halves what a window moves by default.
+        self.zero = zero
         self._perm: dict[tuple[Any, ...], tuple[Tensor, np.ndarray]] = {}
 
     @staticmethod
@@ -249,8 +258,9 @@ class Reducer:
         parts["unit_max"] = unit_max
         order = agg.nonfinite_order(first_step, steps, _NO_CALL)
 
-        sum_names = [n for n, op in RANK_REDUCTION.items() if op == "sum" and n != "sentinel"]
-        max_names = [n for n, op in RANK_REDUCTION.items() if op == "max"]
+        sent = [n for n in RANK_REDUCTION if n not in self.zero and n != "sentinel"]
+        sum_names = [n for n in sent if RANK_REDUCTION[n] == "sum"]
+        max_names = [n for n in sent if RANK_REDUCTION[n] == "max"]
         sum_vec = torch.cat(
             [parts[n].reshape(-1).to(f64) for n in sum_names]
             + [sentinel.reshape(-1), torch.from_numpy(host_sum).to(device)]
@@ -284,6 +294,8 @@ class Reducer:
         earliest = -take((steps, L))
         maxima = {n: take((L,)) for n in _HOST_MAX}
         assert offset == flat.size
+        for n in self.zero:
+            arrays[n] = np.zeros(tuple(parts[n].shape))
 
         if perm is not None:
             arrays["unit_max"] = arrays["unit_max"][perm[1]]

@@ -139,7 +139,10 @@ class Monitor:
             self._attacher.share_norms(torch.from_numpy(weights))
             if dist.mode == "reduce":
                 self._aggregator.reducer = distributed.Reducer(
-                    dist, weights, distributed.Reducer.default_device(dist.group)
+                    dist,
+                    weights,
+                    distributed.Reducer.default_device(dist.group),
+                    zero=() if self.config.gradients.histogram else ("grad_hist",),
                 )
         self._attacher.scaler = scaler
         if self.config.checks:
