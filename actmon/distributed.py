@@ -39,7 +39,7 @@ How each statistic combines across ranks in ``reduce`` mode:
 * the first non-finite output: for each step and layer, the earliest call position (forward
   execution order) at which any rank saw a NaN or Inf; the first offender is the earliest of
   those in the earliest step;
-* the GradScaler's skipped-step flags stay rank 0's own (under DDP every rank's scaler sees
+* the GradScaler's skipped-step flags stay each rank's own (under DDP every rank's scaler sees
   the same all-reduced gradients and skips the same steps).
 """
 
