@@ -13,9 +13,12 @@ counts (their exponent is all ones), so no separate ``isnan``/``isinf`` pass is 
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -43,6 +46,24 @@ GRAD_MAX_FIELDS = ("max", "neg_min")
 _INT32_LIMIT = 2**31 - 1
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _load_fused() -> ModuleType | None:
+    """The optional one-pass CPU kernels (actmon/_fused.c), unless ACTMON_FUSED=0."""
+    if os.environ.get("ACTMON_FUSED", "1") == "0":
+        return None
+    try:
+        from actmon import _fused  # type: ignore[attr-defined]
+    except ImportError:  # built without a C compiler: the torch-op kernels below
+        return None
+    return _fused  # type: ignore[no-any-return]
+
+
+# CPU tensors go through one fused pass when available; other devices (and non-contiguous
+# tensors) use the torch-op kernels. Both give the same counts; sums differ in rounding only.
+FUSED: ModuleType | None = _load_fused()
+
+_SATURATION_MODES = {Kind.TANH: 1, Kind.SIGMOID: 2, Kind.CLIPPING: 3}
 
 
 class Scratch:
@@ -168,6 +189,70 @@ def summarize_activation(
     negates min), ``counts`` = [nonzero, saturated] (int32). Run it under ``torch.no_grad()``.
     Returns (raw histogram (2048,) int64, per-unit max (units,) or None, linear histogram or None).
     """
+    if FUSED is not None and x.device.type == "cpu" and x.is_contiguous():
+        hist, unit_max = _fused_activation(FUSED, x, spec, sums, maxes, counts)
+    else:
+        hist, unit_max = _torch_activation(x, spec, sums, maxes, counts, scratch)
+    if spec.info.kind is Kind.SOFTMAX and spec.softmax_dim is not None:
+        _softmax_stats(x, spec, sums)
+    linear = _linear_hist(flat_view(x), spec, scratch) if spec.linear_bins else None
+    return hist, unit_max, linear
+
+
+def _fused_activation(
+    fused: ModuleType,
+    x: Tensor,
+    spec: ActivationSpec,
+    sums: Sequence[Tensor],
+    maxes: Sequence[Tensor],
+    counts: Sequence[Tensor],
+) -> tuple[Tensor, Tensor | None]:
+    """Every per-element statistic in one pass over a contiguous CPU tensor (actmon/_fused.c)."""
+    hist = torch.empty(SYMLOG_BINS, dtype=torch.int64)
+    unit_max = None
+    outer = units = inner = 1
+    if spec.unit_axis is not None:
+        axis = spec.unit_axis
+        shape = x.shape
+        outer, units, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+        unit_max = torch.empty(units, dtype=torch.float32)
+    else:
+        inner = x.numel()
+    kind = spec.info.kind
+    mode = _SATURATION_MODES.get(kind, 0)
+    eps = spec.saturation_eps
+    if kind is Kind.CLIPPING:
+        assert spec.info.bounds is not None
+        low, high = spec.info.bounds
+    else:
+        low, high = eps, 1.0 - eps
+    fused.activation(
+        x.data_ptr(),
+        outer,
+        units,
+        inner,
+        mode,
+        low,
+        high,
+        sums[0].data_ptr(),
+        maxes[0].data_ptr(),
+        counts[0].data_ptr(),
+        hist.data_ptr(),
+        unit_max.data_ptr() if unit_max is not None else 0,
+        torch.get_num_threads(),
+    )
+    return hist, unit_max
+
+
+def _torch_activation(
+    x: Tensor,
+    spec: ActivationSpec,
+    sums: Sequence[Tensor],
+    maxes: Sequence[Tensor],
+    counts: Sequence[Tensor],
+    scratch: Scratch,
+) -> tuple[Tensor, Tensor | None]:
+    """The same statistics as ``_fused_activation`` from torch ops (any device, no sync)."""
     flat = flat_view(x)
     torch.sum(flat, dim=0, out=sums[0])
     torch.dot(flat, flat, out=sums[1])
@@ -184,13 +269,9 @@ def summarize_activation(
     # Exact zero count: |bits| is 0 only for +-0 (subnormals stay non-zero, unlike the bin test).
     magnitude = torch.bitwise_and(flat.view(torch.int32), 0x7FFFFFFF, out=temp)
     torch.sum(magnitude.clamp_(max=1), dim=0, dtype=torch.int32, out=counts[0])
-    kind = spec.info.kind
-    if kind in (Kind.SIGMOID, Kind.TANH, Kind.CLIPPING):
+    if spec.info.kind in _SATURATION_MODES:
         _saturated(flat, spec, counts[1])
-    if kind is Kind.SOFTMAX and spec.softmax_dim is not None:
-        _softmax_stats(x, spec, sums)
-    linear = _linear_hist(flat, spec, scratch) if spec.linear_bins else None
-    return hist, unit_max, linear
+    return hist, unit_max
 
 
 def _saturated(flat: Tensor, spec: ActivationSpec, out: Tensor) -> None:
@@ -256,6 +337,17 @@ def summarize_gradient(
     """
     flat = flat_view(g)
     n = flat.numel()
+    if FUSED is not None and flat.device.type == "cpu" and flat.is_contiguous():
+        hist = torch.empty(SYMLOG_BINS, dtype=torch.int64) if with_hist else None
+        FUSED.gradient(
+            flat.data_ptr(),
+            n,
+            sums[0].data_ptr(),
+            maxes[0].data_ptr(),
+            hist.data_ptr() if hist is not None else 0,
+            torch.get_num_threads(),
+        )
+        return hist
     torch.dot(flat, flat, out=sums[0])
     torch.aminmax(flat, out=(maxes[1], maxes[0]))
     if with_hist:

@@ -1,0 +1,261 @@
+/* Fused CPU statistics kernels for actmon (optional: actmon.stats falls back to torch ops).
+ *
+ * One pass over a contiguous float32 tensor computes everything the torch-op path computes
+ * in 6 to 10 passes: sum and sum of squares (double accumulators), max and min (NaN
+ * propagating, as torch.amax), the exact non-zero count, the saturated count, the 2048-bin
+ * bit-pattern histogram ((bits >> 21) + 1024) and, for layers with units, each unit's maximum.
+ * The tensor is read as [outer, units, inner] (units = 1, inner = 1 for a flat pass).
+ * Work above a size threshold is split over threads on the outer axis; the GIL is released.
+ * Arguments are raw addresses (tensor.data_ptr()): the caller owns every buffer and checks
+ * dtypes, contiguity and sizes (actmon/stats.py).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BINS 2048
+#define MAX_THREADS 64
+
+typedef struct {
+    const float *x;
+    int64_t o0, o1, units, inner;
+    int mode; /* 0 none, 1 tanh (|v| > hi), 2 sigmoid (v < lo or v > hi), 3 clip (v <= lo or v >= hi) */
+    float lo, hi;
+    int want_hist, want_units;
+    double sum, sumsq;
+    float mx, mn;
+    int nan;
+    int64_t nonzero, nonfinite, nanc, sat;
+    float *unit_max; /* this job's own copy (units floats) or NULL */
+    uint32_t hist[BINS];
+} job_t;
+
+static inline void scan(job_t *j, const float *seg, int64_t len, float *umax) {
+    const int32_t *bits = (const int32_t *)seg;
+    double s = 0.0, q = 0.0;
+    float mx = j->mx, mn = j->mn, um = umax ? *umax : 0.0f;
+    int nan = 0;
+    int64_t nz = 0, sat = 0, nf = 0, nn = 0;
+    const float lo = j->lo, hi = j->hi;
+    const int mode = j->mode;
+    for (int64_t i = 0; i < len; i++) {
+        const float v = seg[i];
+        const int32_t b = bits[i];
+        if (j->want_hist) j->hist[(b >> 21) + 1024]++;
+        const int32_t m = b & 0x7fffffff;
+        nz += m != 0;
+        nf += m >= 0x7f800000;
+        nn += m > 0x7f800000;
+        s += v;
+        q += (double)v * v;
+        mx = v > mx ? v : mx;
+        mn = v < mn ? v : mn;
+        nan |= v != v;
+        if (umax) um = v > um ? v : um;
+        if (mode == 1) sat += (v > hi) | (v < -hi);
+        else if (mode == 2) sat += (v < lo) | (v > hi);
+        else if (mode == 3) sat += (v <= lo) | (v >= hi);
+    }
+    if (umax) *umax = (um != um || nan) ? __builtin_nanf("") : um;
+    j->sum += s;
+    j->sumsq += q;
+    j->mx = mx;
+    j->mn = mn;
+    j->nan |= nan;
+    j->nonzero += nz;
+    j->nonfinite += nf;
+    j->nanc += nn;
+    j->sat += sat;
+}
+
+static void *run_job(void *arg) {
+    job_t *j = (job_t *)arg;
+    for (int64_t o = j->o0; o < j->o1; o++) {
+        const float *row = j->x + o * j->units * j->inner;
+        if (!j->want_units) {
+            scan(j, row, j->units * j->inner, NULL);
+        } else if (j->inner == 1) { /* units on the last axis: one element per unit */
+            for (int64_t u = 0; u < j->units; u++) {
+                const float v = row[u];
+                float *um = &j->unit_max[u];
+                *um = (v > *um || v != v) ? v : *um;
+            }
+            scan(j, row, j->units, NULL);
+        } else {
+            for (int64_t u = 0; u < j->units; u++) scan(j, row + u * j->inner, j->inner, &j->unit_max[u]);
+        }
+    }
+    return NULL;
+}
+
+static int run(job_t *jobs, int threads, const float *x, int64_t outer, int64_t units,
+               int64_t inner, int mode, float lo, float hi, int want_hist, int want_units) {
+    int64_t n = outer * units * inner;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > outer) threads = (int)outer;
+    if (n < (1 << 18) || threads < 1) threads = 1; /* thread start-up costs ~20 us */
+    for (int t = 0; t < threads; t++) {
+        job_t *j = &jobs[t];
+        memset(j, 0, sizeof(*j));
+        j->x = x;
+        j->o0 = outer * t / threads;
+        j->o1 = outer * (t + 1) / threads;
+        j->units = units;
+        j->inner = inner;
+        j->mode = mode;
+        j->lo = lo;
+        j->hi = hi;
+        j->want_hist = want_hist;
+        j->want_units = want_units;
+        j->mx = -__builtin_inff();
+        j->mn = __builtin_inff();
+        if (want_units) {
+            j->unit_max = (float *)malloc(sizeof(float) * units);
+            if (!j->unit_max) return -1;
+            for (int64_t u = 0; u < units; u++) j->unit_max[u] = -__builtin_inff();
+        }
+    }
+    pthread_t tids[MAX_THREADS];
+    int started = 0;
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&tids[t], NULL, run_job, &jobs[t]) != 0) break;
+        started = t;
+    }
+    run_job(&jobs[0]);
+    for (int t = started + 1; t < threads; t++) run_job(&jobs[t]); /* threads that failed to start */
+    for (int t = 1; t <= started; t++) pthread_join(tids[t], NULL);
+    return threads;
+}
+
+/* A flat pass: 1024 equal chunks on the outer axis (so threads get equal shares), and the tail
+ * that does not divide into them as one more job. Returns the number of jobs used. */
+static int run_flat(job_t *jobs, int threads, const float *x, int64_t n, int mode, float lo,
+                    float hi, int want_hist) {
+    int64_t outer = n >= 1024 ? 1024 : 1, inner = n / outer, rest = n - outer * inner;
+    int used = run(jobs, threads, x, outer, 1, inner, mode, lo, hi, want_hist, 0);
+    if (used > 0 && rest) {
+        job_t *tail = &jobs[used];
+        memset(tail, 0, sizeof(*tail));
+        tail->x = x + outer * inner;
+        tail->o0 = 0;
+        tail->o1 = 1;
+        tail->units = 1;
+        tail->inner = rest;
+        tail->mode = mode;
+        tail->lo = lo;
+        tail->hi = hi;
+        tail->want_hist = want_hist;
+        tail->mx = -__builtin_inff();
+        tail->mn = __builtin_inff();
+        run_job(tail);
+        used += 1;
+    }
+    return used;
+}
+
+static void merge(job_t *jobs, int threads, int64_t units, int want_units) {
+    job_t *a = &jobs[0];
+    for (int t = 1; t < threads; t++) {
+        job_t *b = &jobs[t];
+        a->sum += b->sum;
+        a->sumsq += b->sumsq;
+        a->mx = b->mx > a->mx ? b->mx : a->mx;
+        a->mn = b->mn < a->mn ? b->mn : a->mn;
+        a->nan |= b->nan;
+        a->nonzero += b->nonzero;
+        a->nonfinite += b->nonfinite;
+        a->nanc += b->nanc;
+        a->sat += b->sat;
+        for (int k = 0; k < BINS; k++) a->hist[k] += b->hist[k];
+        if (want_units)
+            for (int64_t u = 0; u < units; u++) {
+                const float v = b->unit_max[u];
+                a->unit_max[u] = (v > a->unit_max[u] || v != v) ? v : a->unit_max[u];
+            }
+    }
+    if (a->nan) a->mx = a->mn = __builtin_nanf("");
+}
+
+static void release(job_t *jobs, int threads) {
+    for (int t = 0; t < threads; t++) free(jobs[t].unit_max);
+    free(jobs);
+}
+
+/* activation(x, outer, units, inner, mode, lo, hi, sums, maxes, counts, hist, unit_max, threads)
+ * sums: float32 [sum, sumsq]; maxes: float32 [max, min]; counts: int32 [nonzero, saturated];
+ * hist: int64 [2048] (overwritten); unit_max: float32 [units] or 0 (overwritten). */
+static PyObject *activation(PyObject *self, PyObject *args) {
+    unsigned long long x, sums, maxes, counts, hist, unit_max;
+    long long outer, units, inner;
+    int mode, threads;
+    float lo, hi;
+    if (!PyArg_ParseTuple(args, "KLLLiffKKKKKi", &x, &outer, &units, &inner, &mode, &lo, &hi,
+                          &sums, &maxes, &counts, &hist, &unit_max, &threads))
+        return NULL;
+    int want_units = unit_max != 0;
+    job_t *jobs = (job_t *)calloc(MAX_THREADS + 1, sizeof(job_t));
+    if (!jobs) return PyErr_NoMemory();
+    int used;
+    Py_BEGIN_ALLOW_THREADS
+    if (want_units)
+        used = run(jobs, threads, (const float *)x, outer, units, inner, mode, lo, hi, 1, 1);
+    else
+        used = run_flat(jobs, threads, (const float *)x, outer * units * inner, mode, lo, hi, 1);
+    if (used > 0) merge(jobs, used, units, want_units);
+    Py_END_ALLOW_THREADS
+    if (used < 0) {
+        release(jobs, MAX_THREADS + 1);
+        return PyErr_NoMemory();
+    }
+    job_t *a = &jobs[0];
+    ((float *)sums)[0] = (float)a->sum;
+    ((float *)sums)[1] = (float)a->sumsq;
+    ((float *)maxes)[0] = a->mx;
+    ((float *)maxes)[1] = a->mn;
+    ((int32_t *)counts)[0] = (int32_t)a->nonzero;
+    ((int32_t *)counts)[1] = (int32_t)a->sat;
+    for (int k = 0; k < BINS; k++) ((int64_t *)hist)[k] = a->hist[k];
+    if (want_units) memcpy((void *)unit_max, a->unit_max, sizeof(float) * units);
+    release(jobs, used);
+    Py_RETURN_NONE;
+}
+
+/* gradient(g, n, sums, maxes, hist, threads)
+ * sums: float32 [sum of squares, non-finite count, NaN count]; maxes: float32 [max, min];
+ * hist: int64 [2048] (overwritten) or 0 for none. */
+static PyObject *gradient(PyObject *self, PyObject *args) {
+    unsigned long long g, sums, maxes, hist;
+    long long n;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KLKKKi", &g, &n, &sums, &maxes, &hist, &threads)) return NULL;
+    job_t *jobs = (job_t *)calloc(MAX_THREADS + 1, sizeof(job_t));
+    if (!jobs) return PyErr_NoMemory();
+    int used;
+    Py_BEGIN_ALLOW_THREADS
+    used = run_flat(jobs, threads, (const float *)g, n, 0, 0.0f, 0.0f, hist != 0);
+    merge(jobs, used, 1, 0);
+    Py_END_ALLOW_THREADS
+    job_t *a = &jobs[0];
+    ((float *)sums)[0] = (float)a->sumsq;
+    ((float *)sums)[1] = (float)a->nonfinite;
+    ((float *)sums)[2] = (float)a->nanc;
+    ((float *)maxes)[0] = a->mx;
+    ((float *)maxes)[1] = a->mn;
+    if (hist)
+        for (int k = 0; k < BINS; k++) ((int64_t *)hist)[k] = a->hist[k];
+    release(jobs, used);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"activation", activation, METH_VARARGS, "Fused activation statistics (see actmon/_fused.c)."},
+    {"gradient", gradient, METH_VARARGS, "Fused output-gradient statistics (see actmon/_fused.c)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&module); }

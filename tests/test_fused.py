@@ -1,0 +1,108 @@
+"""The fused one-pass CPU kernels (actmon/_fused.c) against the torch-op kernels, exactly."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from actmon import stats
+from actmon.kinds import Kind, KindInfo
+from tests.test_stats import _run_activation, _special
+
+if stats.FUSED is None:
+    # CI builds the extension (make test installs with a C compiler): missing there is a bug.
+    assert os.environ.get("CI") != "true", "actmon._fused was not built"
+    pytest.skip("actmon._fused is not built here", allow_module_level=True)
+
+KINDS = [
+    KindInfo(Kind.RELU),
+    KindInfo(Kind.LINEAR),
+    KindInfo(Kind.TANH, bounds=(-1.0, 1.0)),
+    KindInfo(Kind.SIGMOID, bounds=(0.0, 1.0)),
+    KindInfo(Kind.CLIPPING, bounds=(0.0, 6.0)),
+]
+# (shape, unit axis): units last, units on axis 1 with an inner extent, flat, 1-D, and sizes
+# above the threading threshold (2**18 elements) with a tail that does not divide evenly.
+LAYOUTS = [
+    ((64, 32), -1),
+    ((4, 6, 5, 7), 1),
+    ((8, 16, 24), None),
+    ((37,), 0),
+    ((3, 7, 111, 131), 1),
+    ((262_147,), None),
+    ((1031, 257), -1),
+]
+
+
+def _both(monkeypatch, x, info, axis):
+    fused = _run_activation(x, info, axis)
+    monkeypatch.setattr(stats, "FUSED", None)
+    plain = _run_activation(x, info, axis)
+    monkeypatch.undo()
+    return fused, plain
+
+
+@pytest.mark.parametrize("info", KINDS, ids=[k.kind.value for k in KINDS])
+@pytest.mark.parametrize(("shape", "axis"), LAYOUTS, ids=[str(s) for s, _ in LAYOUTS])
+def test_fused_activation_equals_the_torch_op_kernels(monkeypatch, info, shape, axis):
+    x = _special(shape, torch.float32)
+    if info.kind is Kind.SIGMOID:
+        x = torch.sigmoid(x)  # values near both bounds
+    fused, plain = _both(monkeypatch, x, info, axis)
+    _, f_max, f_counts, f_hist, f_units, _ = fused
+    _, p_max, p_counts, p_hist, p_units, _ = plain
+    assert torch.equal(f_hist, p_hist)  # exact, NaN/Inf bins included
+    assert f_counts[0] == p_counts[0]  # exact zero count (subnormals are not zeros)
+    if info.kind in (Kind.TANH, Kind.SIGMOID, Kind.CLIPPING):
+        assert f_counts[1] == p_counts[1]
+    assert torch.allclose(f_max, p_max, equal_nan=True, rtol=0, atol=0)  # max and min
+    if axis is not None:
+        assert f_units is not None
+        assert torch.allclose(f_units, p_units, equal_nan=True, rtol=0, atol=0)
+
+
+def test_fused_sums_are_at_least_as_accurate_as_float32_torch(monkeypatch):
+    x = torch.randn(1031, 257) * 100 + 3
+    (f_sums, *_), (p_sums, *_) = _both(monkeypatch, x, KindInfo(Kind.LINEAR), None)
+    exact = (x.double().sum().item(), x.double().pow(2).sum().item())
+    for got, want in zip(f_sums[:2].tolist(), exact, strict=True):
+        assert got == pytest.approx(want, rel=1e-6)
+    assert f_sums[:2].tolist() == pytest.approx(p_sums[:2].tolist(), rel=1e-5)
+
+
+@pytest.mark.parametrize("with_hist", [False, True])
+@pytest.mark.parametrize("n", [5, 1024, 300_001])
+def test_fused_gradient_equals_the_torch_op_kernels(monkeypatch, with_hist, n):
+    g = torch.randn(n) * 1e3
+    g[1] = float("nan")
+    if n > 3:
+        g[3] = float("-inf")
+        g[-1] = float("inf")
+
+    def run():
+        sums, maxes = torch.zeros(3), torch.zeros(2)
+        hist = stats.summarize_gradient(
+            g, sums.unbind(0), maxes.unbind(0), with_hist, stats.Scratch()
+        )
+        return sums, maxes, hist
+
+    f_sums, f_max, f_hist = run()
+    monkeypatch.setattr(stats, "FUSED", None)
+    p_sums, p_max, p_hist = run()
+    assert f_sums[1:].tolist() == p_sums[1:].tolist()  # non-finite and NaN counts
+    assert torch.allclose(f_max, p_max, equal_nan=True, rtol=0, atol=0)
+    assert torch.allclose(f_sums[:1], p_sums[:1], equal_nan=True)
+    if with_hist:
+        assert torch.equal(f_hist, p_hist)
+    else:
+        assert f_hist is None
+
+
+def test_non_contiguous_inputs_use_the_torch_op_kernels(monkeypatch):
+    calls = []
+    monkeypatch.setattr(stats, "_fused_activation", lambda *a: calls.append(a) or (None, None))
+    x = torch.randn(8, 16).t()  # not contiguous: the torch-op path
+    _run_activation(x, KindInfo(Kind.RELU), 0)
+    assert not calls
