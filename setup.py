@@ -11,8 +11,8 @@ setup(
         Extension(
             "actmon._fused",
             sources=["actmon/_fused.c"],
-            extra_compile_args=["-O3", "-std=c99", "-pthread"],
-            extra_link_args=["-pthread"],
+            extra_compile_args=["-O3", "-std=c99", "-pthread", "-fopenmp-simd"],
+            extra_link_args=["-pthread", "-lm"],
             optional=True,
         )
     ]

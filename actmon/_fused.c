@@ -14,6 +14,7 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #define BINS 2048
@@ -22,7 +23,7 @@
 typedef struct {
     const float *x;
     int64_t o0, o1, units, inner;
-    int mode; /* 0 none, 1 tanh (|v| > hi), 2 sigmoid (v < lo or v > hi), 3 clip (v <= lo or v >= hi) */
+    int mode; /* 0 none, 1 tanh, 2 sigmoid, 3 clipping: see scan() */
     float lo, hi;
     int want_hist, want_units;
     double sum, sumsq;
@@ -33,42 +34,50 @@ typedef struct {
     uint32_t hist[BINS];
 } job_t;
 
+/* Saturation as one test for every kind: v < lo or v > hi (strict). The caller turns tanh's
+ * |v| > hi into (-hi, hi) and clipping's inclusive bounds into the next floats inward; with no
+ * saturation both are infinite and nothing counts. NaN compares false everywhere. */
 static inline void scan(job_t *j, const float *seg, int64_t len, float *umax) {
     const int32_t *bits = (const int32_t *)seg;
-    double s = 0.0, q = 0.0;
-    float mx = j->mx, mn = j->mn, um = umax ? *umax : 0.0f;
-    int nan = 0;
-    int64_t nz = 0, sat = 0, nf = 0, nn = 0;
     const float lo = j->lo, hi = j->hi;
-    const int mode = j->mode;
-    for (int64_t i = 0; i < len; i++) {
-        const float v = seg[i];
-        const int32_t b = bits[i];
-        if (j->want_hist) j->hist[(b >> 21) + 1024]++;
-        const int32_t m = b & 0x7fffffff;
-        nz += m != 0;
-        nf += m >= 0x7f800000;
-        nn += m > 0x7f800000;
-        s += v;
-        q += (double)v * v;
-        mx = v > mx ? v : mx;
-        mn = v < mn ? v : mn;
-        nan |= v != v;
-        if (umax) um = v > um ? v : um;
-        if (mode == 1) sat += (v > hi) | (v < -hi);
-        else if (mode == 2) sat += (v < lo) | (v > hi);
-        else if (mode == 3) sat += (v <= lo) | (v >= hi);
+    float seg_max = -__builtin_inff();
+    int nan = 0;
+    /* Blocks keep float partial sums short (accurate) and let the loop vectorize. */
+    for (int64_t start = 0; start < len; start += 4096) {
+        const int64_t n = len - start < 4096 ? len - start : 4096;
+        const float *p = seg + start;
+        const int32_t *b = bits + start;
+        float s = 0.0f, q = 0.0f, mx = -__builtin_inff(), mn = __builtin_inff();
+        int32_t nz = 0, sat = 0, nf = 0, nn = 0, isnan = 0;
+#pragma omp simd reduction(+ : s, q, nz, sat, nf, nn, isnan) reduction(max : mx) reduction(min : mn)
+        for (int64_t i = 0; i < n; i++) {
+            const float v = p[i];
+            const int32_t m = b[i] & 0x7fffffff;
+            s += v;
+            q += v * v;
+            mx = v > mx ? v : mx;
+            mn = v < mn ? v : mn;
+            nz += m != 0;
+            nf += m >= 0x7f800000;
+            nn += m > 0x7f800000;
+            isnan += v != v;
+            sat += (v < lo) | (v > hi);
+        }
+        j->sum += s;
+        j->sumsq += q;
+        j->mx = mx > j->mx ? mx : j->mx;
+        j->mn = mn < j->mn ? mn : j->mn;
+        seg_max = mx > seg_max ? mx : seg_max;
+        nan |= isnan != 0;
+        j->nonzero += nz;
+        j->nonfinite += nf;
+        j->nanc += nn;
+        j->sat += sat;
     }
-    if (umax) *umax = (um != um || nan) ? __builtin_nanf("") : um;
-    j->sum += s;
-    j->sumsq += q;
-    j->mx = mx;
-    j->mn = mn;
+    if (j->want_hist)
+        for (int64_t i = 0; i < len; i++) j->hist[(bits[i] >> 21) + 1024]++;
+    if (umax) *umax = (nan || *umax != *umax) ? __builtin_nanf("") : (seg_max > *umax ? seg_max : *umax);
     j->nan |= nan;
-    j->nonzero += nz;
-    j->nonfinite += nf;
-    j->nanc += nn;
-    j->sat += sat;
 }
 
 static void *run_job(void *arg) {
@@ -196,6 +205,15 @@ static PyObject *activation(PyObject *self, PyObject *args) {
                           &sums, &maxes, &counts, &hist, &unit_max, &threads))
         return NULL;
     int want_units = unit_max != 0;
+    if (mode == 0) {
+        lo = -__builtin_inff();
+        hi = __builtin_inff();
+    } else if (mode == 1) {
+        lo = -hi;
+    } else if (mode == 3) { /* inclusive bounds: v <= lo  <=>  v < nextafter(lo, +inf) */
+        lo = nextafterf(lo, __builtin_inff());
+        hi = nextafterf(hi, -__builtin_inff());
+    }
     job_t *jobs = (job_t *)calloc(MAX_THREADS + 1, sizeof(job_t));
     if (!jobs) return PyErr_NoMemory();
     int used;
@@ -235,7 +253,8 @@ static PyObject *gradient(PyObject *self, PyObject *args) {
     if (!jobs) return PyErr_NoMemory();
     int used;
     Py_BEGIN_ALLOW_THREADS
-    used = run_flat(jobs, threads, (const float *)g, n, 0, 0.0f, 0.0f, hist != 0);
+    used = run_flat(jobs, threads, (const float *)g, n, 0, -__builtin_inff(), __builtin_inff(),
+                    hist != 0);
     merge(jobs, used, 1, 0);
     Py_END_ALLOW_THREADS
     job_t *a = &jobs[0];
