@@ -25,19 +25,19 @@ typedef struct {
     int64_t o0, o1, units, inner;
     int mode; /* 0 none, 1 tanh, 2 sigmoid, 3 clipping: see scan() */
     float lo, hi;
-    int want_hist, want_units;
+    int want_hist, want_units, grad;
     double sum, sumsq;
     float mx, mn;
     int nan;
     int64_t nonzero, nonfinite, nanc, sat;
     float *unit_max; /* this job's own copy (units floats) or NULL */
-    uint32_t hist[BINS];
+    uint32_t hist[4][BINS]; /* 4 interleaved copies: repeated bins do not wait on each other */
 } job_t;
 
 /* Saturation as one test for every kind: v < lo or v > hi (strict). The caller turns tanh's
  * |v| > hi into (-hi, hi) and clipping's inclusive bounds into the next floats inward; with no
  * saturation both are infinite and nothing counts. NaN compares false everywhere. */
-static inline void scan(job_t *j, const float *seg, int64_t len, float *umax) {
+static inline void scan(job_t *j, const float *seg, int64_t len, float *umax, const int grad) {
     const int32_t *bits = (const int32_t *)seg;
     const float lo = j->lo, hi = j->hi;
     float seg_max = -__builtin_inff();
@@ -49,19 +49,30 @@ static inline void scan(job_t *j, const float *seg, int64_t len, float *umax) {
         const int32_t *b = bits + start;
         float s = 0.0f, q = 0.0f, mx = -__builtin_inff(), mn = __builtin_inff();
         int32_t nz = 0, sat = 0, nf = 0, nn = 0, isnan = 0;
-#pragma omp simd reduction(+ : s, q, nz, sat, nf, nn, isnan) reduction(max : mx) reduction(min : mn)
-        for (int64_t i = 0; i < n; i++) {
-            const float v = p[i];
-            const int32_t m = b[i] & 0x7fffffff;
-            s += v;
-            q += v * v;
-            mx = v > mx ? v : mx;
-            mn = v < mn ? v : mn;
-            nz += m != 0;
-            nf += m >= 0x7f800000;
-            nn += m > 0x7f800000;
-            isnan += v != v;
-            sat += (v < lo) | (v > hi);
+        if (grad) { /* output gradients: sum of squares, extrema, NaN / Inf counts */
+#pragma omp simd reduction(+ : q, nf, nn, isnan) reduction(max : mx) reduction(min : mn)
+            for (int64_t i = 0; i < n; i++) {
+                const float v = p[i];
+                const int32_t m = b[i] & 0x7fffffff;
+                q += v * v;
+                mx = v > mx ? v : mx;
+                mn = v < mn ? v : mn;
+                nf += m >= 0x7f800000;
+                nn += m > 0x7f800000;
+                isnan += v != v;
+            }
+        } else { /* activations: NaN / Inf come from the histogram's bins */
+#pragma omp simd reduction(+ : s, q, nz, sat, isnan) reduction(max : mx) reduction(min : mn)
+            for (int64_t i = 0; i < n; i++) {
+                const float v = p[i];
+                s += v;
+                q += v * v;
+                mx = v > mx ? v : mx;
+                mn = v < mn ? v : mn;
+                nz += (b[i] & 0x7fffffff) != 0;
+                isnan += v != v;
+                sat += (v < lo) | (v > hi);
+            }
         }
         j->sum += s;
         j->sumsq += q;
@@ -74,8 +85,16 @@ static inline void scan(job_t *j, const float *seg, int64_t len, float *umax) {
         j->nanc += nn;
         j->sat += sat;
     }
-    if (j->want_hist)
-        for (int64_t i = 0; i < len; i++) j->hist[(bits[i] >> 21) + 1024]++;
+    if (j->want_hist) {
+        int64_t i = 0;
+        for (; i + 4 <= len; i += 4) {
+            j->hist[0][(bits[i] >> 21) + 1024]++;
+            j->hist[1][(bits[i + 1] >> 21) + 1024]++;
+            j->hist[2][(bits[i + 2] >> 21) + 1024]++;
+            j->hist[3][(bits[i + 3] >> 21) + 1024]++;
+        }
+        for (; i < len; i++) j->hist[0][(bits[i] >> 21) + 1024]++;
+    }
     if (umax) *umax = (nan || *umax != *umax) ? __builtin_nanf("") : (seg_max > *umax ? seg_max : *umax);
     j->nan |= nan;
 }
@@ -85,27 +104,37 @@ static void *run_job(void *arg) {
     for (int64_t o = j->o0; o < j->o1; o++) {
         const float *row = j->x + o * j->units * j->inner;
         if (!j->want_units) {
-            scan(j, row, j->units * j->inner, NULL);
+            if (j->grad) /* two inlined copies of scan(), one per kind of tensor */
+                scan(j, row, j->units * j->inner, NULL, 1);
+            else
+                scan(j, row, j->units * j->inner, NULL, 0);
         } else if (j->inner == 1) { /* units on the last axis: one element per unit */
             for (int64_t u = 0; u < j->units; u++) {
                 const float v = row[u];
                 float *um = &j->unit_max[u];
                 *um = (v > *um || v != v) ? v : *um;
             }
-            scan(j, row, j->units, NULL);
+            scan(j, row, j->units, NULL, 0);
         } else {
-            for (int64_t u = 0; u < j->units; u++) scan(j, row + u * j->inner, j->inner, &j->unit_max[u]);
+            for (int64_t u = 0; u < j->units; u++)
+                scan(j, row + u * j->inner, j->inner, &j->unit_max[u], 0);
         }
     }
     return NULL;
 }
 
-static int run(job_t *jobs, int threads, const float *x, int64_t outer, int64_t units,
-               int64_t inner, int mode, float lo, float hi, int want_hist, int want_units) {
-    int64_t n = outer * units * inner;
+/* Threads a pass uses: one below 2**18 elements (starting a thread costs ~20 us). */
+static int plan(int threads, int64_t outer, int64_t n) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > outer) threads = (int)outer;
-    if (n < (1 << 18) || threads < 1) threads = 1; /* thread start-up costs ~20 us */
+    if (n < (1 << 18) || threads < 1) threads = 1;
+    return threads;
+}
+
+static int run(job_t *jobs, int threads, const float *x, int64_t outer, int64_t units,
+               int64_t inner, int mode, float lo, float hi, int want_hist, int want_units,
+               int grad) {
+    threads = plan(threads, outer, outer * units * inner);
     for (int t = 0; t < threads; t++) {
         job_t *j = &jobs[t];
         memset(j, 0, sizeof(*j));
@@ -119,6 +148,7 @@ static int run(job_t *jobs, int threads, const float *x, int64_t outer, int64_t 
         j->hi = hi;
         j->want_hist = want_hist;
         j->want_units = want_units;
+        j->grad = grad;
         j->mx = -__builtin_inff();
         j->mn = __builtin_inff();
         if (want_units) {
@@ -142,9 +172,9 @@ static int run(job_t *jobs, int threads, const float *x, int64_t outer, int64_t 
 /* A flat pass: 1024 equal chunks on the outer axis (so threads get equal shares), and the tail
  * that does not divide into them as one more job. Returns the number of jobs used. */
 static int run_flat(job_t *jobs, int threads, const float *x, int64_t n, int mode, float lo,
-                    float hi, int want_hist) {
+                    float hi, int want_hist, int grad) {
     int64_t outer = n >= 1024 ? 1024 : 1, inner = n / outer, rest = n - outer * inner;
-    int used = run(jobs, threads, x, outer, 1, inner, mode, lo, hi, want_hist, 0);
+    int used = run(jobs, threads, x, outer, 1, inner, mode, lo, hi, want_hist, 0, grad);
     if (used > 0 && rest) {
         job_t *tail = &jobs[used];
         memset(tail, 0, sizeof(*tail));
@@ -157,6 +187,7 @@ static int run_flat(job_t *jobs, int threads, const float *x, int64_t n, int mod
         tail->lo = lo;
         tail->hi = hi;
         tail->want_hist = want_hist;
+        tail->grad = grad;
         tail->mx = -__builtin_inff();
         tail->mn = __builtin_inff();
         run_job(tail);
@@ -178,7 +209,8 @@ static void merge(job_t *jobs, int threads, int64_t units, int want_units) {
         a->nonfinite += b->nonfinite;
         a->nanc += b->nanc;
         a->sat += b->sat;
-        for (int k = 0; k < BINS; k++) a->hist[k] += b->hist[k];
+        for (int c = 0; c < 4; c++)
+            for (int k = 0; k < BINS; k++) a->hist[c][k] += b->hist[c][k];
         if (want_units)
             for (int64_t u = 0; u < units; u++) {
                 const float v = b->unit_max[u];
@@ -205,6 +237,8 @@ static PyObject *activation(PyObject *self, PyObject *args) {
                           &sums, &maxes, &counts, &hist, &unit_max, &threads))
         return NULL;
     int want_units = unit_max != 0;
+    const int64_t n = outer * units * inner;
+    const int njobs = plan(threads, want_units ? outer : (n >= 1024 ? 1024 : 1), n) + 1;
     if (mode == 0) {
         lo = -__builtin_inff();
         hi = __builtin_inff();
@@ -214,18 +248,18 @@ static PyObject *activation(PyObject *self, PyObject *args) {
         lo = nextafterf(lo, __builtin_inff());
         hi = nextafterf(hi, -__builtin_inff());
     }
-    job_t *jobs = (job_t *)calloc(MAX_THREADS + 1, sizeof(job_t));
+    job_t *jobs = (job_t *)calloc(njobs, sizeof(job_t));
     if (!jobs) return PyErr_NoMemory();
     int used;
     Py_BEGIN_ALLOW_THREADS
     if (want_units)
-        used = run(jobs, threads, (const float *)x, outer, units, inner, mode, lo, hi, 1, 1);
+        used = run(jobs, threads, (const float *)x, outer, units, inner, mode, lo, hi, 1, 1, 0);
     else
-        used = run_flat(jobs, threads, (const float *)x, outer * units * inner, mode, lo, hi, 1);
+        used = run_flat(jobs, threads, (const float *)x, n, mode, lo, hi, 1, 0);
     if (used > 0) merge(jobs, used, units, want_units);
     Py_END_ALLOW_THREADS
     if (used < 0) {
-        release(jobs, MAX_THREADS + 1);
+        release(jobs, njobs);
         return PyErr_NoMemory();
     }
     job_t *a = &jobs[0];
@@ -235,7 +269,8 @@ static PyObject *activation(PyObject *self, PyObject *args) {
     ((float *)maxes)[1] = a->mn;
     ((int32_t *)counts)[0] = (int32_t)a->nonzero;
     ((int32_t *)counts)[1] = (int32_t)a->sat;
-    for (int k = 0; k < BINS; k++) ((int64_t *)hist)[k] = a->hist[k];
+    for (int k = 0; k < BINS; k++)
+        ((int64_t *)hist)[k] = (int64_t)a->hist[0][k] + a->hist[1][k] + a->hist[2][k] + a->hist[3][k];
     if (want_units) memcpy((void *)unit_max, a->unit_max, sizeof(float) * units);
     release(jobs, used);
     Py_RETURN_NONE;
@@ -249,12 +284,12 @@ static PyObject *gradient(PyObject *self, PyObject *args) {
     long long n;
     int threads;
     if (!PyArg_ParseTuple(args, "KLKKKi", &g, &n, &sums, &maxes, &hist, &threads)) return NULL;
-    job_t *jobs = (job_t *)calloc(MAX_THREADS + 1, sizeof(job_t));
+    job_t *jobs = (job_t *)calloc(plan(threads, n >= 1024 ? 1024 : 1, n) + 1, sizeof(job_t));
     if (!jobs) return PyErr_NoMemory();
     int used;
     Py_BEGIN_ALLOW_THREADS
     used = run_flat(jobs, threads, (const float *)g, n, 0, -__builtin_inff(), __builtin_inff(),
-                    hist != 0);
+                    hist != 0, 1);
     merge(jobs, used, 1, 0);
     Py_END_ALLOW_THREADS
     job_t *a = &jobs[0];
@@ -264,7 +299,8 @@ static PyObject *gradient(PyObject *self, PyObject *args) {
     ((float *)maxes)[0] = a->mx;
     ((float *)maxes)[1] = a->mn;
     if (hist)
-        for (int k = 0; k < BINS; k++) ((int64_t *)hist)[k] = a->hist[k];
+        for (int k = 0; k < BINS; k++)
+        ((int64_t *)hist)[k] = (int64_t)a->hist[0][k] + a->hist[1][k] + a->hist[2][k] + a->hist[3][k];
     release(jobs, used);
     Py_RETURN_NONE;
 }

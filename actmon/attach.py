@@ -551,7 +551,6 @@ class Attacher:
     def _take_param_norms(self, positions: list[int], norms: Tensor, measure_update: bool) -> None:
         """Record the step's gradient norms (every step: the sentinel) and, on sampled steps,
         per-parameter gradient and weight norms, and start measuring the update."""
-        params = [self._params[i] for i in positions]
         self.aggregator.ensure_device(norms.device)
         share = self._grad_share
         if share is None:
@@ -563,7 +562,7 @@ class Attacher:
         if not (self.sampling and self.config.gradients.parameters):
             return
         index = self._param_index(positions)
-        detached = [p.detach() for p in params]
+        detached = [self._params[i].detach() for i in positions]
         if self._dtensors:
             detached = local_tensors(detached)
         weights = torch.stack(torch._foreach_norm(detached))
