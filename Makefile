@@ -29,7 +29,12 @@ system-deps:
 test: lint system-deps
 	$(BIN)/python -m pytest -q
 
+# Peers (wandb, fastai) come from the 'bench' extra; fastai with --no-deps (see pyproject.toml).
+# The report is printed; `$(BIN)/python benchmarks/overhead.py --markdown benchmarks/RESULTS.md`
+# also rewrites the committed table.
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
+	$(BIN)/pip install --quiet -c constraints.txt --no-deps 'fastai>=2.7'
 	$(BIN)/python benchmarks/overhead.py
 
 clean:

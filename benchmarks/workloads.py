@@ -1,4 +1,6 @@
-"""The benchmark workloads: MLP, conv net with BN + inplace ReLU, tiny GPT-2 (synthetic data)."""
+"""The benchmark workloads: MLP, conv net with BN + inplace ReLU, tiny GPT-2 (synthetic data),
+and deep narrow MLPs for the per-layer cost. Seeds are fixed by the caller (torch.manual_seed
+before make_model, a seeded Generator for make_batch)."""
 
 from __future__ import annotations
 
@@ -61,6 +63,34 @@ def tiny_gpt2(
         eos_token_id=0,
     )
     return GPT2LMHeadModel(config)
+
+
+def deep_mlp(blocks: int, width: int = 32) -> nn.Sequential:
+    """``blocks`` x (Linear(width, width), ReLU), then a Linear head: 2 * blocks + 1 leaf modules.
+
+    He-normal initialisation keeps activations finite through 1,000 ReLU layers.
+    """
+    layers: list[nn.Module] = []
+    for _ in range(blocks):
+        linear = nn.Linear(width, width)
+        nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
+        nn.init.zeros_(linear.bias)
+        layers += [linear, nn.ReLU()]
+    layers.append(nn.Linear(width, 10))
+    return nn.Sequential(*layers)
+
+
+def deep_workload(blocks: int, width: int = 32, batch: int = 64) -> Workload:
+    return Workload(
+        f"MLP {blocks} x (Linear {width}, ReLU), batch {batch}",
+        lambda: deep_mlp(blocks, width),
+        lambda g: (
+            torch.randn(batch, width, generator=g),
+            torch.randint(0, 10, (batch,), generator=g),
+        ),
+        _ce,
+        lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
+    )
 
 
 def _ce(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
