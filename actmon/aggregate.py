@@ -174,6 +174,8 @@ class Aggregator:
         self.sampled_steps: list[int] = []
         self.first_step: int | None = None
         self.reducer: Reducer | None = None  # set under torch.distributed ("reduce" mode)
+        self.skip_parts: tuple[str, ...] = ()  # buffers never written (set by the monitor)
+        self._dirty = False  # whether any buffer but the sentinel was written this window
 
     # ---- buffers -------------------------------------------------------------------------
     def ensure_device(self, device: torch.device) -> None:
@@ -304,6 +306,7 @@ class Aggregator:
         positions: list[int],
     ) -> None:
         """Add one sampled step's per-parameter norms (already on the device) to the window."""
+        self._dirty = True
         for column, norms in enumerate((grad_norms, weight_norms, update_norms)):
             if norms is not None:
                 self.param_sq[:, column].index_add_(0, index, norms.double().square_())
@@ -387,6 +390,7 @@ class Aggregator:
         layers = self.fwd.layers
         if not layers:
             return
+        self._dirty = True
         index = self._index(layers)
         self.act_sum.index_add_(0, index, self.fwd.used("sums").double())
         maxes = self.fwd.used("maxes")
@@ -430,6 +434,7 @@ class Aggregator:
         layers = self.bwd.layers
         if not layers:
             return
+        self._dirty = True
         index = self._index(layers)
         sums = self.bwd.used("sums").double()
         maxes = self.bwd.used("maxes")
@@ -489,7 +494,6 @@ class Aggregator:
         With a :attr:`reducer` (torch.distributed, "reduce" mode) the window is first reduced
         over the ranks with a constant number of collectives; every rank gets the same result.
         """
-        parts: list[Tensor] = []
         host_counts = self.host
         if self.reducer is not None:
             if self.device is None:  # every rank must take part in the collectives
@@ -499,11 +503,7 @@ class Aggregator:
             )
             arrays = [reduced[name] for name in RANK_REDUCTION]
         elif self.device is not None:
-            nonfinite = [t for _, _, t in self._call_nonfinite]
-            parts = [*self.window_parts().values(), *nonfinite]
-            packed = torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
-            host = packed.cpu().numpy()  # the one device-to-host copy of the window
-            arrays = _split(host, parts)
+            arrays = self._copy_to_host(steps_in_window)
         else:
             arrays = self._empty_arrays(steps_in_window)
         if self.reducer is None:
@@ -533,6 +533,37 @@ class Aggregator:
         self._reset()
         return data
 
+    def _copy_to_host(self, steps: int) -> list[np.ndarray]:
+        """The window's buffers on the host in one device-to-host copy.
+
+        Buffers nothing wrote to this window (a window of unsampled steps has only its
+        sentinel; output-gradient histograms when they are off) are not copied: the host
+        fills in their reset values. int64 counts travel as their bits viewed as float64
+        (no conversion) and are viewed back as int64 on the host.
+        """
+        empty = self._empty_arrays(steps)
+        names = list(RANK_REDUCTION)
+        wanted = [
+            (i, t)
+            for i, (name, t) in enumerate(self.window_parts().items())
+            if name == "sentinel" or (self._dirty and name not in self.skip_parts)
+        ]
+        parts = [t for _, t in wanted] + [t for _, _, t in self._call_nonfinite]
+        packed = torch.cat(
+            [
+                p.reshape(-1).view(torch.float64)
+                if p.dtype == torch.int64
+                else p.reshape(-1).to(torch.float64)
+                for p in parts
+            ]
+        )
+        host = packed.cpu().numpy()  # the one device-to-host copy of the window
+        copied = _split(host, parts)
+        arrays = empty[: len(names)]
+        for (i, _), array in zip(wanted, copied, strict=False):
+            arrays[i] = array
+        return arrays + copied[len(wanted) :]
+
     def _empty_arrays(self, steps: int) -> list[np.ndarray]:
         L, P = self.n_layers, self.n_params
         nan = np.full((steps, 2), np.nan)
@@ -552,7 +583,7 @@ class Aggregator:
         ]
 
     def _reset(self) -> None:
-        if self.device is not None:
+        if self.device is not None and self._dirty:
             for t in (
                 self.act_sum,
                 self.act_count,
@@ -571,12 +602,17 @@ class Aggregator:
         self.host = HostCounts.zeros(self.n_layers, self.n_params)
         self.sampled_steps = []
         self.first_step = None
+        self._dirty = False
 
 
 def _split(flat: np.ndarray, parts: list[Tensor]) -> list[np.ndarray]:
+    """The packed float64 vector cut back into the parts' shapes (int64 parts: their bits)."""
     out, offset = [], 0
     for p in parts:
         n = p.numel()
-        out.append(flat[offset : offset + n].reshape(tuple(p.shape)))
+        chunk = flat[offset : offset + n]
+        if p.dtype == torch.int64:
+            chunk = chunk.view(np.int64)
+        out.append(chunk.reshape(tuple(p.shape)))
         offset += n
     return out

@@ -145,6 +145,8 @@ class Monitor:
                     zero=() if self.config.gradients.histogram else ("grad_hist",),
                 )
         self._attacher.scaler = scaler
+        if not self.config.gradients.histogram:
+            self._aggregator.skip_parts = ("grad_hist",)
         if self.config.checks:
             self._pending_alerts.extend(attach_checks(model, loss_fn is not None))
             if loss_fn is not None:
