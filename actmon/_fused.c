@@ -305,7 +305,54 @@ static PyObject *gradient(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* norms(addresses, sizes, out): out[i] = L2 norm of the float32 array at addresses[i] with
+ * sizes[i] elements (float32 results, double accumulation; Inf and NaN propagate). One call
+ * for every parameter of a model: the per-tensor dispatch of torch._foreach_norm on a CPU
+ * costs more than the arithmetic for small parameters. */
+static PyObject *norms(PyObject *self, PyObject *args) {
+    PyObject *addresses, *sizes;
+    unsigned long long out;
+    if (!PyArg_ParseTuple(args, "OOK", &addresses, &sizes, &out)) return NULL;
+    PyObject *a = PySequence_Fast(addresses, "addresses must be a sequence");
+    if (!a) return NULL;
+    PyObject *z = PySequence_Fast(sizes, "sizes must be a sequence");
+    if (!z) {
+        Py_DECREF(a);
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(a);
+    if (PySequence_Fast_GET_SIZE(z) != count) {
+        Py_DECREF(a);
+        Py_DECREF(z);
+        PyErr_SetString(PyExc_ValueError, "addresses and sizes differ in length");
+        return NULL;
+    }
+    for (Py_ssize_t t = 0; t < count; t++) {
+        const float *x = (const float *)PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(a, t));
+        const long long n = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(z, t));
+        if (PyErr_Occurred()) {
+            Py_DECREF(a);
+            Py_DECREF(z);
+            return NULL;
+        }
+        double total = 0.0;
+        for (long long start = 0; start < n; start += 4096) {
+            const long long len = n - start < 4096 ? n - start : 4096;
+            const float *p = x + start;
+            float q = 0.0f;
+#pragma omp simd reduction(+ : q)
+            for (long long i = 0; i < len; i++) q += p[i] * p[i];
+            total += q;
+        }
+        ((float *)out)[t] = (float)sqrt(total);
+    }
+    Py_DECREF(a);
+    Py_DECREF(z);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"norms", norms, METH_VARARGS, "L2 norms of many float32 arrays (see actmon/_fused.c)."},
     {"activation", activation, METH_VARARGS, "Fused activation statistics (see actmon/_fused.c)."},
     {"gradient", gradient, METH_VARARGS, "Fused output-gradient statistics (see actmon/_fused.c)."},
     {NULL, NULL, 0, NULL},

@@ -467,7 +467,7 @@ class Attacher:
                 grads = [g for _, g in with_grad]
                 if self._dtensors:  # a shard's own norm; the ranks' squares add at the flush
                     grads = local_tensors(grads)
-                norms = torch.stack(torch._foreach_norm(grads))
+                norms = stats.norms(grads)
                 self._take_param_norms(positions, norms, measure_update=True)
         except Exception as exc:
             self._fail(None, exc)
@@ -500,7 +500,7 @@ class Attacher:
             before, params, index, positions = self._pending_update
             self._pending_update = None
             torch._foreach_sub_(before, params)
-            updates = torch.stack(torch._foreach_norm(before))
+            updates = stats.norms(before)
             self.aggregator.record_params(index, None, None, updates, positions)
         except Exception as exc:
             self._fail(None, exc)
@@ -531,7 +531,7 @@ class Attacher:
                 grads = [self._params[i].grad for i in positions]
                 if self._dtensors:
                     grads = local_tensors(grads)  # type: ignore[arg-type,assignment]
-                norms = torch.stack(torch._foreach_norm(grads))  # type: ignore[arg-type]
+                norms = stats.norms(grads)  # type: ignore[arg-type]
                 # Accumulation: a later backward of the same step sees the summed gradient and
                 # replaces this; the step's last backward is what monitor.step() records.
                 self._pending_no_opt = (positions, norms)
@@ -565,7 +565,7 @@ class Attacher:
         detached = [self._params[i].detach() for i in positions]
         if self._dtensors:
             detached = local_tensors(detached)
-        weights = torch.stack(torch._foreach_norm(detached))
+        weights = stats.norms(detached)
         self.aggregator.record_params(index, norms, weights, None, positions)
         if measure_update and self.measure_update and self.config.gradients.update_ratio:
             try:

@@ -347,7 +347,7 @@ class Monitor:
 
     def _layers_changed(self) -> None:
         """A functional activation became a layer: rules select from the new list."""
-        self._engine.layers = self.layers
+        self._engine.set_layers(self.layers)
 
     def _dispatch(self, alert: Alert) -> None:
         """Record an alert event and carry out its rule's actions."""

@@ -157,6 +157,7 @@ class RuleEngine:
     _states: dict[tuple[str, str | None], _State] = field(default_factory=dict)
     _grad_history: deque[float] = field(default_factory=lambda: deque(maxlen=_HISTORY))
     _loss_history: deque[float] = field(default_factory=lambda: deque(maxlen=_HISTORY))
+    _selected: dict[str, list[str]] = field(default_factory=dict)  # by rule name
 
     def __post_init__(self) -> None:
         self.validate()
@@ -189,8 +190,19 @@ class RuleEngine:
                     f" monitored layer for metric {rule.metric!r}"
                 )
 
+    def set_layers(self, layers: list[LayerInfo]) -> None:
+        """A new layer list (a functional activation was found): selections are redone."""
+        self.layers = layers
+        self._selected.clear()
+
     def selected(self, rule: Rule) -> list[str]:
-        """Names of the layers a per-layer rule watches."""
+        """Names of the layers a per-layer rule watches (matched once per layer list)."""
+        cached = self._selected.get(rule.name)
+        if cached is None:
+            cached = self._selected[rule.name] = self._select(rule)
+        return cached
+
+    def _select(self, rule: Rule) -> list[str]:
         kinds = set(rule.layers.kinds) or METRIC_KINDS.get(rule.metric)
         layers = self.layers[:-1] if rule.layers.hidden_only else self.layers
         return [

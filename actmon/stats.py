@@ -158,6 +158,29 @@ def symlog_index(flat: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.bitwise_right_shift(bits, SYMLOG_SHIFT, out=out).add_(HALF)
 
 
+_FUSED_NORMS_LIMIT = 1 << 24  # elements; beyond this torch's threaded norms win
+
+
+def norms(tensors: Sequence[Tensor]) -> Tensor:
+    """L2 norm of each tensor, as one 1-D tensor on their device (no host read).
+
+    CPU float32 tensors go through one fused call (the gradient-norm sentinel runs every step,
+    and torch._foreach_norm's per-tensor dispatch dominates for many small parameters).
+    """
+    if (
+        FUSED is not None
+        and tensors
+        and tensors[0].device.type == "cpu"
+        and all(t.dtype is torch.float32 and t.is_contiguous() for t in tensors)
+    ):
+        sizes = [t.numel() for t in tensors]
+        if sum(sizes) <= _FUSED_NORMS_LIMIT:
+            out = torch.empty(len(tensors), dtype=torch.float32)
+            FUSED.norms([t.data_ptr() for t in tensors], sizes, out.data_ptr())
+            return out
+    return torch.stack(torch._foreach_norm(list(tensors)))
+
+
 def unscale_hist(hists: Tensor, scale: Tensor) -> Tensor:
     """Raw histograms (..., 2048) of ``x * scale`` moved to the bins of ``x`` (on the device).
 
@@ -321,7 +344,7 @@ def _count_bins(device: torch.device) -> tuple[Tensor, Tensor]:
     )
 
 
-_SMALL = 1 << 18  # below this many elements, fewer dispatcher calls beat fewer passes
+_SMALL = 1 << 12  # below this many elements, fewer dispatcher calls beat fewer passes
 
 
 def summarize_gradient(

@@ -106,3 +106,15 @@ def test_non_contiguous_inputs_use_the_torch_op_kernels(monkeypatch):
     x = torch.randn(8, 16).t()  # not contiguous: the torch-op path
     _run_activation(x, KindInfo(Kind.RELU), 0)
     assert not calls
+
+
+def test_fused_norms_equal_foreach_norm_with_nan_and_inf(monkeypatch):
+    tensors = [torch.randn(n) * 10 for n in (1, 7, 4096, 4097, 100_000)]
+    tensors.append(torch.tensor([1.0, float("inf")]))
+    tensors.append(torch.tensor([float("nan"), 2.0]))
+    tensors.append(torch.randn(3, 5))
+    got = stats.norms(tensors)
+    want = torch.stack([t.double().norm() for t in tensors]).float()
+    assert torch.allclose(got, want, rtol=1e-6, equal_nan=True)
+    monkeypatch.setattr(stats, "FUSED", None)
+    assert torch.allclose(stats.norms(tensors), got, rtol=1e-5, equal_nan=True)
