@@ -271,7 +271,7 @@ class Attacher:
             self.functional = FunctionalCapture(
                 modules, leaves, self._functional_output, lambda: self.sampling
             )
-            self._handles.extend(self.functional.register())
+            self.functional.arm(self.sampling)
         # Parameter hooks run every step: the gradient-norm sentinel needs them even when
         # per-parameter statistics are off.
         if self._optimizers:
@@ -318,6 +318,12 @@ class Attacher:
             self.overhead_seconds += time.perf_counter() - start
 
     _record_eager = torch.compiler.disable(_record)
+
+    def set_sampling(self, sampling: bool) -> None:
+        """Whether the coming step takes full statistics (the monitor decides)."""
+        self.sampling = sampling
+        if self.functional is not None:
+            self.functional.arm(sampling)
 
     # ---- functional activations ----------------------------------------------------------
     def _functional_output(
@@ -613,7 +619,7 @@ class Attacher:
             handle.remove()
         self._handles.clear()
         if self.functional is not None:
-            self.functional.reset()
+            self.functional.arm(False)
         for p in self._restore_none:  # the model's hook slots exactly as they were
             if not p._post_accumulate_grad_hooks:
                 p._post_accumulate_grad_hooks = None  # type: ignore[assignment]

@@ -8,7 +8,7 @@ activation function (:data:`ACTIVATIONS`) is attributed to the innermost running
 ``<module>.<fn>#<k>``, ``k`` counting that function's calls in that module's forward from 0, and
 its output is handed to ``on_output`` (the attacher summarises it like a module output).
 
-Cost: nothing on unsampled steps (the hooks are registered only while sampling). On sampled
+Cost: nothing on unsampled steps (the hooks are registered only for sampled steps). On sampled
 steps the mode is popped inside leaf modules, where calls are either not activations (Linear)
 or already monitored as the module's own output (``nn.GELU`` calls ``F.gelu``); so only torch
 calls written in container forwards pass through Python.
@@ -143,21 +143,29 @@ class FunctionalCapture:
         self._on_output = on_output
         self._sampling = sampling
         self._stack: list[_Frame] = []
+        self._handles: list[RemovableHandle] = []
         self._mode = _Mode(self)
         self._mode_on = False
 
-    def register(self) -> list[RemovableHandle]:
-        """Pre-hooks and always-called forward hooks on every module; the caller removes them.
+    def arm(self, on: bool) -> None:
+        """Register the pre-hooks and always-called forward hooks on every module (``on``: the
+        coming step is sampled), or take them out again: unsampled steps pay nothing.
 
-        On unsampled steps (and while torch.compile traces, which these hooks cannot follow)
-        they return at once.
+        Under torch.compile the hooks return at once (they cannot follow a compiled graph), and
+        dynamo keeps one compiled variant with them and one without.
         """
-        handles = []
+        if on == bool(self._handles):
+            return
+        if not on:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self.reset()
+            return
         for name, module in self._modules:
             leaf = module in self._leaves
-            handles.append(module.register_forward_pre_hook(self._pre_hook(name, leaf)))
-            handles.append(module.register_forward_hook(self._post_hook, always_call=True))
-        return handles
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name, leaf)))
+            self._handles.append(module.register_forward_hook(self._post_hook, always_call=True))
 
     def reset(self) -> None:
         """End of step: drop frames of forwards that never returned and leave the mode."""

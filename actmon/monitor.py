@@ -155,7 +155,7 @@ class Monitor:
                 )
         _WATCHED.add(model)
         self._window_sampled = False  # whether the current window has had a sampled step
-        self._attacher.sampling = self._is_sampled()
+        self._attacher.set_sampling(self._is_sampled())
 
     # ---- public API ----------------------------------------------------------------------
     @property
@@ -201,7 +201,7 @@ class Monitor:
             self._window_sampled = False
         # The update ratio is measured once per window: on its first sampled step.
         self._attacher.measure_update = not self._window_sampled
-        self._attacher.sampling = self._is_sampled()
+        self._attacher.set_sampling(self._is_sampled())
         self._flush_seconds += time.perf_counter() - start
         if self._to_raise is not None:  # a rule with the "raise" action fired
             alert, self._to_raise = self._to_raise, None
