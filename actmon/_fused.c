@@ -74,6 +74,16 @@ static inline void scan(job_t *j, const float *seg, int64_t len, float *umax, co
                 sat += (v < lo) | (v > hi);
             }
         }
+        if (j->want_hist) { /* the same block again while it is in L1 */
+            int64_t i = 0;
+            for (; i + 4 <= n; i += 4) {
+                j->hist[0][(b[i] >> 21) + 1024]++;
+                j->hist[1][(b[i + 1] >> 21) + 1024]++;
+                j->hist[2][(b[i + 2] >> 21) + 1024]++;
+                j->hist[3][(b[i + 3] >> 21) + 1024]++;
+            }
+            for (; i < n; i++) j->hist[0][(b[i] >> 21) + 1024]++;
+        }
         j->sum += s;
         j->sumsq += q;
         j->mx = mx > j->mx ? mx : j->mx;
@@ -84,16 +94,6 @@ static inline void scan(job_t *j, const float *seg, int64_t len, float *umax, co
         j->nonfinite += nf;
         j->nanc += nn;
         j->sat += sat;
-    }
-    if (j->want_hist) {
-        int64_t i = 0;
-        for (; i + 4 <= len; i += 4) {
-            j->hist[0][(bits[i] >> 21) + 1024]++;
-            j->hist[1][(bits[i + 1] >> 21) + 1024]++;
-            j->hist[2][(bits[i + 2] >> 21) + 1024]++;
-            j->hist[3][(bits[i + 3] >> 21) + 1024]++;
-        }
-        for (; i < len; i++) j->hist[0][(bits[i] >> 21) + 1024]++;
     }
     if (umax) *umax = (nan || *umax != *umax) ? __builtin_nanf("") : (seg_max > *umax ? seg_max : *umax);
     j->nan |= nan;
