@@ -65,6 +65,11 @@ FUSED: ModuleType | None = _load_fused()
 
 _SATURATION_MODES = {Kind.TANH: 1, Kind.SIGMOID: 2, Kind.CLIPPING: 3}
 
+# Threads per fused pass. One by default: right after torch's own parallel ops its OpenMP
+# workers still spin, and a second thread of ours halved the speed (GPT-2 layer outputs:
+# 0.96 ns per element on one thread, 2.0 on two, on the 2-core CI machine).
+FUSED_THREADS = int(os.environ.get("ACTMON_FUSED_THREADS", "1"))
+
 
 class Scratch:
     """Reusable temporaries for the kernels' element-wise steps.
@@ -262,7 +267,7 @@ def _fused_activation(
         counts[0].data_ptr(),
         hist.data_ptr(),
         unit_max.data_ptr() if unit_max is not None else 0,
-        torch.get_num_threads(),
+        FUSED_THREADS,
     )
     return hist, unit_max
 
@@ -368,7 +373,7 @@ def summarize_gradient(
             sums[0].data_ptr(),
             maxes[0].data_ptr(),
             hist.data_ptr() if hist is not None else 0,
-            torch.get_num_threads(),
+            FUSED_THREADS,
         )
         return hist
     torch.dot(flat, flat, out=sums[0])

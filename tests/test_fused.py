@@ -16,6 +16,7 @@ if stats.FUSED is None:
     assert os.environ.get("CI") != "true", "actmon._fused was not built"
     pytest.skip("actmon._fused is not built here", allow_module_level=True)
 
+FUSED = stats.FUSED
 KINDS = [
     KindInfo(Kind.RELU),
     KindInfo(Kind.LINEAR),
@@ -36,11 +37,17 @@ LAYOUTS = [
 ]
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"], autouse=True)
+def _threads(request, monkeypatch):
+    """Every comparison on one thread (the default) and split over two."""
+    monkeypatch.setattr(stats, "FUSED_THREADS", request.param)
+
+
 def _both(monkeypatch, x, info, axis):
     fused = _run_activation(x, info, axis)
     monkeypatch.setattr(stats, "FUSED", None)
     plain = _run_activation(x, info, axis)
-    monkeypatch.undo()
+    monkeypatch.setattr(stats, "FUSED", FUSED)
     return fused, plain
 
 
