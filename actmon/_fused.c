@@ -5,7 +5,8 @@
  * propagating, as torch.amax), the exact non-zero count, the saturated count, the 2048-bin
  * bit-pattern histogram ((bits >> 21) + 1024) and, for layers with units, each unit's maximum.
  * The tensor is read as [outer, units, inner] (units = 1, inner = 1 for a flat pass).
- * Work above a size threshold is split over threads on the outer axis; the GIL is released.
+ * The GIL is released. A pass can be split over threads on the outer axis (stats.py passes
+ * ACTMON_FUSED_THREADS, one by default), above 2**18 elements.
  * Arguments are raw addresses (tensor.data_ptr()): the caller owns every buffer and checks
  * dtypes, contiguity and sizes (actmon/stats.py).
  */
@@ -23,8 +24,7 @@
 typedef struct {
     const float *x;
     int64_t o0, o1, units, inner;
-    int mode; /* 0 none, 1 tanh, 2 sigmoid, 3 clipping: see scan() */
-    float lo, hi;
+    float lo, hi; /* saturated: v < lo or v > hi (see scan()) */
     int want_hist, want_units, grad;
     double sum, sumsq;
     float mx, mn;
@@ -131,26 +131,31 @@ static int plan(int threads, int64_t outer, int64_t n) {
     return threads;
 }
 
+/* A job over rows [o0, o1) of x read as [outer, units, inner], its statistics empty. */
+static void init_job(job_t *j, const float *x, int64_t o0, int64_t o1, int64_t units,
+                     int64_t inner, float lo, float hi, int want_hist, int want_units, int grad) {
+    memset(j, 0, sizeof(*j));
+    j->x = x;
+    j->o0 = o0;
+    j->o1 = o1;
+    j->units = units;
+    j->inner = inner;
+    j->lo = lo;
+    j->hi = hi;
+    j->want_hist = want_hist;
+    j->want_units = want_units;
+    j->grad = grad;
+    j->mx = -__builtin_inff();
+    j->mn = __builtin_inff();
+}
+
 static int run(job_t *jobs, int threads, const float *x, int64_t outer, int64_t units,
-               int64_t inner, int mode, float lo, float hi, int want_hist, int want_units,
-               int grad) {
+               int64_t inner, float lo, float hi, int want_hist, int want_units, int grad) {
     threads = plan(threads, outer, outer * units * inner);
     for (int t = 0; t < threads; t++) {
         job_t *j = &jobs[t];
-        memset(j, 0, sizeof(*j));
-        j->x = x;
-        j->o0 = outer * t / threads;
-        j->o1 = outer * (t + 1) / threads;
-        j->units = units;
-        j->inner = inner;
-        j->mode = mode;
-        j->lo = lo;
-        j->hi = hi;
-        j->want_hist = want_hist;
-        j->want_units = want_units;
-        j->grad = grad;
-        j->mx = -__builtin_inff();
-        j->mn = __builtin_inff();
+        init_job(j, x, outer * t / threads, outer * (t + 1) / threads, units, inner, lo, hi,
+                 want_hist, want_units, grad);
         if (want_units) {
             j->unit_max = (float *)malloc(sizeof(float) * units);
             if (!j->unit_max) return -1;
@@ -171,25 +176,13 @@ static int run(job_t *jobs, int threads, const float *x, int64_t outer, int64_t 
 
 /* A flat pass: 1024 equal chunks on the outer axis (so threads get equal shares), and the tail
  * that does not divide into them as one more job. Returns the number of jobs used. */
-static int run_flat(job_t *jobs, int threads, const float *x, int64_t n, int mode, float lo,
-                    float hi, int want_hist, int grad) {
+static int run_flat(job_t *jobs, int threads, const float *x, int64_t n, float lo, float hi,
+                    int want_hist, int grad) {
     int64_t outer = n >= 1024 ? 1024 : 1, inner = n / outer, rest = n - outer * inner;
-    int used = run(jobs, threads, x, outer, 1, inner, mode, lo, hi, want_hist, 0, grad);
+    int used = run(jobs, threads, x, outer, 1, inner, lo, hi, want_hist, 0, grad);
     if (used > 0 && rest) {
         job_t *tail = &jobs[used];
-        memset(tail, 0, sizeof(*tail));
-        tail->x = x + outer * inner;
-        tail->o0 = 0;
-        tail->o1 = 1;
-        tail->units = 1;
-        tail->inner = rest;
-        tail->mode = mode;
-        tail->lo = lo;
-        tail->hi = hi;
-        tail->want_hist = want_hist;
-        tail->grad = grad;
-        tail->mx = -__builtin_inff();
-        tail->mn = __builtin_inff();
+        init_job(tail, x + outer * inner, 0, 1, 1, rest, lo, hi, want_hist, 0, grad);
         run_job(tail);
         used += 1;
     }
@@ -253,9 +246,9 @@ static PyObject *activation(PyObject *self, PyObject *args) {
     int used;
     Py_BEGIN_ALLOW_THREADS
     if (want_units)
-        used = run(jobs, threads, (const float *)x, outer, units, inner, mode, lo, hi, 1, 1, 0);
+        used = run(jobs, threads, (const float *)x, outer, units, inner, lo, hi, 1, 1, 0);
     else
-        used = run_flat(jobs, threads, (const float *)x, n, mode, lo, hi, 1, 0);
+        used = run_flat(jobs, threads, (const float *)x, n, lo, hi, 1, 0);
     if (used > 0) merge(jobs, used, units, want_units);
     Py_END_ALLOW_THREADS
     if (used < 0) {
@@ -288,7 +281,7 @@ static PyObject *gradient(PyObject *self, PyObject *args) {
     if (!jobs) return PyErr_NoMemory();
     int used;
     Py_BEGIN_ALLOW_THREADS
-    used = run_flat(jobs, threads, (const float *)g, n, 0, -__builtin_inff(), __builtin_inff(),
+    used = run_flat(jobs, threads, (const float *)g, n, -__builtin_inff(), __builtin_inff(),
                     hist != 0, 1);
     merge(jobs, used, 1, 0);
     Py_END_ALLOW_THREADS

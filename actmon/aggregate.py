@@ -237,7 +237,8 @@ class Aggregator:
                 "grad_hist",
             ):
                 old = getattr(self, name)
-                row = old[:1].clone().fill_(_NEG_INF if name in ("act_max", "grad_max") else 0)
+                fill = _NEG_INF if name in ("act_max", "grad_max") else 0
+                row = torch.full((1, *old.shape[1:]), fill, dtype=old.dtype, device=old.device)
                 setattr(self, name, torch.cat([old, row]))
         return index
 

@@ -255,3 +255,16 @@ def test_hugging_face_eager_attention_softmax_is_monitored():
     # Causal attention: row t has t + 1 non-zero probabilities out of 16.
     assert soft.zero_fraction == pytest.approx(1 - (16 * 17 / 2) / (16 * 16))
     assert monitor.internal_errors_total == 0
+
+
+def test_functional_layers_when_every_module_is_excluded():
+    model = FunctionalNet()
+    monitor = _train(model, _batches(1), exclude=["fc*", "out"])
+    assert [info.name for info in monitor.layers] == [
+        "(root).relu#0",
+        "(root).sigmoid#0",
+        "(root).log_softmax#0",
+    ]
+    snap = monitor.snapshot()
+    assert snap is not None
+    assert snap.layers["(root).relu#0"].count == 32 * 16
