@@ -99,31 +99,22 @@ def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ``watch(torch.compile(model))`` and ``watch(DDP(model))`` name layers as ``watch(model)``
     does: ``0``, not ``_orig_mod.0`` or ``module.0``.
     """
-    out: list[tuple[str, nn.Module]] = []
-    prefixes: list[str] = []
-    for name, module in model.named_modules():
-        if _is_wrapper(module):
-            prefixes.append(f"{name}." if name else "")
-            continue
-        for prefix in sorted(prefixes, key=len, reverse=True):
-            if name.startswith(prefix):
-                rest = name[len(prefix) :]
-                for wrapped in _WRAPPER_PREFIXES:
-                    if rest.startswith(wrapped) or rest == wrapped[:-1]:
-                        name = rest[len(wrapped) :]
-                        break
-                break
-        out.append((name, module))
-    return out
+    return [
+        (strip_wrapper_prefix(name, model), module)
+        for name, module in model.named_modules()
+        if not _is_wrapper(module)
+    ]
 
 
 def strip_wrapper_prefix(name: str, model: nn.Module) -> str:
-    """A parameter or module name of ``model`` with its wrappers' prefixes taken out."""
+    """A parameter or module name of ``model`` with its wrappers' prefixes taken out (the
+    wrapped model itself is the root, "")."""
     module = model
     while _is_wrapper(module):
         for prefix in _WRAPPER_PREFIXES:
-            child = getattr(module, prefix[:-1], None)
-            if isinstance(child, nn.Module) and name.startswith(prefix):
+            attribute = prefix[:-1]
+            child = getattr(module, attribute, None)
+            if isinstance(child, nn.Module) and (name == attribute or name.startswith(prefix)):
                 name, module = name[len(prefix) :], child
                 break
         else:
