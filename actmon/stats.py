@@ -172,17 +172,18 @@ def norms(tensors: Sequence[Tensor]) -> Tensor:
     CPU float32 tensors go through one fused call (the gradient-norm sentinel runs every step,
     and torch._foreach_norm's per-tensor dispatch dominates for many small parameters).
     """
-    if (
-        FUSED is not None
-        and tensors
-        and tensors[0].device.type == "cpu"
-        and all(t.dtype is torch.float32 and t.is_contiguous() for t in tensors)
-    ):
-        sizes = [t.numel() for t in tensors]
-        if sum(sizes) <= _FUSED_NORMS_LIMIT:
-            out = torch.empty(len(tensors), dtype=torch.float32)
-            FUSED.norms([t.data_ptr() for t in tensors], sizes, out.data_ptr())
-            return out
+    if FUSED is not None and tensors and tensors[0].device.type == "cpu":
+        addresses, sizes = [], []
+        for t in tensors:  # one walk: the sentinel calls this every step
+            if t.dtype is not torch.float32 or not t.is_contiguous():
+                break
+            addresses.append(t.data_ptr())
+            sizes.append(t.numel())
+        else:
+            if sum(sizes) <= _FUSED_NORMS_LIMIT:
+                out = torch.empty(len(sizes), dtype=torch.float32)
+                FUSED.norms(addresses, sizes, out.data_ptr())
+                return out
     return torch.stack(torch._foreach_norm(list(tensors)))
 
 

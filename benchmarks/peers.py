@@ -44,7 +44,20 @@ def _float_output(output: Any) -> Tensor | None:
     return t
 
 
-class ItemHooks:
+class _HookPeer:
+    """A peer made of hooks it registers itself: nothing to do after a step, hooks out at close."""
+
+    handles: list[Any]
+
+    def after_step(self, step: int, loss: Tensor) -> None:
+        pass
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class ItemHooks(_HookPeer):
     """The hand-rolled approach: mean/std/zero-fraction/min/max with .item() per layer, plus
     per-parameter gradient norms with .item() before the optimizer step."""
 
@@ -77,18 +90,11 @@ class ItemHooks:
                 self.stats[f"grad/{name}"] = {"norm": p.grad.norm().item()}
                 self.grad_rows += 1
 
-    def after_step(self, step: int, loss: Tensor) -> None:
-        pass
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
     def recorded(self) -> tuple[int, str]:
         return self.rows, f"{self.rows} layer rows, {self.grad_rows} grad norms (host floats)"
 
 
-class TensorBoardHistograms:
+class TensorBoardHistograms(_HookPeer):
     """``SummaryWriter.add_histogram`` of every layer output and output gradient, every step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -118,8 +124,7 @@ class TensorBoardHistograms:
         self.writer.flush()  # its writer thread's work is charged to its own step, not others'
 
     def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+        super().close()
         self.writer.close()
 
     def recorded(self) -> tuple[int, str]:
@@ -139,7 +144,7 @@ class TensorBoardHistograms:
         )
 
 
-class HistcReference:
+class HistcReference(_HookPeer):
     """Sync-free reference: a ``torch.histc`` histogram (64 bins on [-8, 8]) of every layer
     output and output gradient, added into device buffers; nothing is read back while training.
     """
@@ -168,13 +173,6 @@ class HistcReference:
                 t.register_hook(grad_hook)
 
         return hook
-
-    def after_step(self, step: int, loss: Tensor) -> None:
-        pass
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
 
     def recorded(self) -> tuple[int, str]:
         acts = int((self.act.sum(1) > 0).sum())
