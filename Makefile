@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-dev
 
 .PHONY: install system-deps demo test lint bench clean
 
-$(STAMP): pyproject.toml constraints.txt setup.py actmon/_fused.c
+$(STAMP): pyproject.toml constraints.txt setup.py actmon/_fused.c actmon/_fused_scan.h
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,lightning]'

@@ -11,8 +11,9 @@ setup(
         Extension(
             "actmon._fused",
             sources=["actmon/_fused.c"],
-            extra_compile_args=["-O3", "-std=c99", "-pthread", "-fopenmp-simd"],
-            extra_link_args=["-pthread", "-lm"],
+            depends=["actmon/_fused_scan.h"],
+            extra_compile_args=["-O3", "-std=c99", "-fopenmp"],
+            extra_link_args=["-fopenmp", "-lm"],
             optional=True,
         )
     ]

@@ -5,18 +5,30 @@
  * propagating, as torch.amax), the exact non-zero count, the saturated count, the 2048-bin
  * bit-pattern histogram ((bits >> 21) + 1024) and, for layers with units, each unit's maximum.
  * The tensor is read as [outer, units, inner] (units = 1, inner = 1 for a flat pass).
- * The GIL is released. A pass can be split over threads on the outer axis (stats.py passes
- * ACTMON_FUSED_THREADS, one by default), above 2**18 elements.
+ *
+ * Speed:
+ * - The per-element loops (actmon/_fused_scan.h) are compiled for AVX-512, AVX2 and the base
+ *   instruction set; the best the CPU runs is chosen at import (isa() says which).
+ * - The GIL is released, and a pass above 2**15 elements is split over OpenMP threads (stats.py
+ *   passes how many). Built with -fopenmp, this module uses the OpenMP runtime torch has
+ *   already loaded (the same libgomp.so.1), so the work goes to torch's own idle workers
+ *   instead of competing with them.
  * Arguments are raw addresses (tensor.data_ptr()): the caller owns every buffer and checks
  * dtypes, contiguity and sizes (actmon/stats.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ACTMON_X86_VARIANTS 1
+#include <immintrin.h>
+#endif
 
 #define BINS 2048
 #define MAX_THREADS 64
@@ -34,100 +46,72 @@ typedef struct {
     uint32_t hist[4][BINS]; /* 4 interleaved copies: repeated bins do not wait on each other */
 } job_t;
 
-/* Saturation as one test for every kind: v < lo or v > hi (strict). The caller turns tanh's
- * |v| > hi into (-hi, hi) and clipping's inclusive bounds into the next floats inward; with no
- * saturation both are infinite and nothing counts. NaN compares false everywhere. */
-static inline void scan(job_t *j, const float *seg, int64_t len, float *umax, const int grad) {
-    const int32_t *bits = (const int32_t *)seg;
-    const float lo = j->lo, hi = j->hi;
-    float seg_max = -__builtin_inff();
-    int nan = 0;
-    /* Blocks keep float partial sums short (accurate) and let the loop vectorize. */
-    for (int64_t start = 0; start < len; start += 4096) {
-        const int64_t n = len - start < 4096 ? len - start : 4096;
-        const float *p = seg + start;
-        const int32_t *b = bits + start;
-        float s = 0.0f, q = 0.0f, mx = -__builtin_inff(), mn = __builtin_inff();
-        int32_t nz = 0, sat = 0, nf = 0, nn = 0, isnan = 0;
-        if (grad) { /* output gradients: sum of squares, extrema, NaN / Inf counts */
-#pragma omp simd reduction(+ : q, nf, nn, isnan) reduction(max : mx) reduction(min : mn)
-            for (int64_t i = 0; i < n; i++) {
-                const float v = p[i];
-                const int32_t m = b[i] & 0x7fffffff;
-                q += v * v;
-                mx = v > mx ? v : mx;
-                mn = v < mn ? v : mn;
-                nf += m >= 0x7f800000;
-                nn += m > 0x7f800000;
-                isnan += v != v;
-            }
-        } else { /* activations: NaN / Inf come from the histogram's bins */
-#pragma omp simd reduction(+ : s, q, nz, sat, isnan) reduction(max : mx) reduction(min : mn)
-            for (int64_t i = 0; i < n; i++) {
-                const float v = p[i];
-                s += v;
-                q += v * v;
-                mx = v > mx ? v : mx;
-                mn = v < mn ? v : mn;
-                nz += (b[i] & 0x7fffffff) != 0;
-                isnan += v != v;
-                sat += (v < lo) | (v > hi);
-            }
-        }
-        if (j->want_hist) { /* the same block again while it is in L1 */
-            int64_t i = 0;
-            for (; i + 4 <= n; i += 4) {
-                j->hist[0][(b[i] >> 21) + 1024]++;
-                j->hist[1][(b[i + 1] >> 21) + 1024]++;
-                j->hist[2][(b[i + 2] >> 21) + 1024]++;
-                j->hist[3][(b[i + 3] >> 21) + 1024]++;
-            }
-            for (; i < n; i++) j->hist[0][(b[i] >> 21) + 1024]++;
-        }
-        j->sum += s;
-        j->sumsq += q;
-        j->mx = mx > j->mx ? mx : j->mx;
-        j->mn = mn < j->mn ? mn : j->mn;
-        seg_max = mx > seg_max ? mx : seg_max;
-        nan |= isnan != 0;
-        j->nonzero += nz;
-        j->nonfinite += nf;
-        j->nanc += nn;
-        j->sat += sat;
-    }
-    if (umax) *umax = (nan || *umax != *umax) ? __builtin_nanf("") : (seg_max > *umax ? seg_max : *umax);
-    j->nan |= nan;
+#define VARIANT(name) name##_generic
+#define HIST_COMPRESS 0
+#include "_fused_scan.h"
+#undef VARIANT
+#undef HIST_COMPRESS
+
+#ifdef ACTMON_X86_VARIANTS
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define VARIANT(name) name##_avx2
+#define HIST_COMPRESS 0
+#include "_fused_scan.h"
+#undef VARIANT
+#undef HIST_COMPRESS
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,popcnt")
+#define VARIANT(name) name##_avx512
+#define HIST_COMPRESS 1
+#include "_fused_scan.h"
+#undef VARIANT
+#undef HIST_COMPRESS
+#pragma GCC pop_options
+#endif
+
+typedef struct {
+    const char *name;
+    void (*run_job)(job_t *);
+    double (*sumsq)(const float *, int64_t);
+} isa_t;
+
+static const isa_t ISAS[] = {
+#ifdef ACTMON_X86_VARIANTS
+    {"avx512", run_job_avx512, sumsq_avx512},
+    {"avx2", run_job_avx2, sumsq_avx2},
+#endif
+    {"generic", run_job_generic, sumsq_generic},
+};
+#define N_ISAS ((int)(sizeof(ISAS) / sizeof(ISAS[0])))
+
+static const isa_t *ISA = &ISAS[N_ISAS - 1];
+
+/* Whether this CPU runs the variant named. */
+static int cpu_runs(const char *name) {
+#ifdef ACTMON_X86_VARIANTS
+    __builtin_cpu_init();
+    if (!strcmp(name, "avx512"))
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("popcnt");
+    if (!strcmp(name, "avx2"))
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    return !strcmp(name, "generic");
 }
 
-static void *run_job(void *arg) {
-    job_t *j = (job_t *)arg;
-    for (int64_t o = j->o0; o < j->o1; o++) {
-        const float *row = j->x + o * j->units * j->inner;
-        if (!j->want_units) {
-            if (j->grad) /* two inlined copies of scan(), one per kind of tensor */
-                scan(j, row, j->units * j->inner, NULL, 1);
-            else
-                scan(j, row, j->units * j->inner, NULL, 0);
-        } else if (j->inner == 1) { /* units on the last axis: one element per unit */
-            for (int64_t u = 0; u < j->units; u++) {
-                const float v = row[u];
-                float *um = &j->unit_max[u];
-                *um = (v > *um || v != v) ? v : *um;
-            }
-            scan(j, row, j->units, NULL, 0);
-        } else {
-            for (int64_t u = 0; u < j->units; u++)
-                scan(j, row + u * j->inner, j->inner, &j->unit_max[u], 0);
-        }
-    }
-    return NULL;
-}
-
-/* Threads a pass uses: one below 2**18 elements (starting a thread costs ~20 us). */
+/* Threads a pass uses: one below 2**15 elements, or without OpenMP. */
 static int plan(int threads, int64_t outer, int64_t n) {
+#ifndef _OPENMP
+    threads = 1;
+#endif
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > outer) threads = (int)outer;
-    if (n < (1 << 18) || threads < 1) threads = 1;
+    if (n < (1 << 15) || threads < 1) threads = 1;
     return threads;
 }
 
@@ -162,28 +146,28 @@ static int run(job_t *jobs, int threads, const float *x, int64_t outer, int64_t 
             for (int64_t u = 0; u < units; u++) j->unit_max[u] = -__builtin_inff();
         }
     }
-    pthread_t tids[MAX_THREADS];
-    int started = 0;
-    for (int t = 1; t < threads; t++) {
-        if (pthread_create(&tids[t], NULL, run_job, &jobs[t]) != 0) break;
-        started = t;
+    if (threads == 1) {
+        ISA->run_job(&jobs[0]);
+        return 1;
     }
-    run_job(&jobs[0]);
-    for (int t = started + 1; t < threads; t++) run_job(&jobs[t]); /* threads that failed to start */
-    for (int t = 1; t <= started; t++) pthread_join(tids[t], NULL);
+#ifdef _OPENMP
+    /* Dynamic: if the runtime gives fewer threads than asked, every job still runs. */
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int t = 0; t < threads; t++) ISA->run_job(&jobs[t]);
+#endif
     return threads;
 }
 
-/* A flat pass: 1024 equal chunks on the outer axis (so threads get equal shares), and the tail
- * that does not divide into them as one more job. Returns the number of jobs used. */
+/* A flat pass: one equal chunk per thread, and the tail that does not divide into them as one
+ * more job. Returns the number of jobs used. */
 static int run_flat(job_t *jobs, int threads, const float *x, int64_t n, float lo, float hi,
                     int want_hist, int grad) {
-    int64_t outer = n >= 1024 ? 1024 : 1, inner = n / outer, rest = n - outer * inner;
+    int64_t outer = plan(threads, n, n), inner = n / outer, rest = n - outer * inner;
     int used = run(jobs, threads, x, outer, 1, inner, lo, hi, want_hist, 0, grad);
     if (used > 0 && rest) {
         job_t *tail = &jobs[used];
         init_job(tail, x + outer * inner, 0, 1, 1, rest, lo, hi, want_hist, 0, grad);
-        run_job(tail);
+        ISA->run_job(tail);
         used += 1;
     }
     return used;
@@ -231,7 +215,7 @@ static PyObject *activation(PyObject *self, PyObject *args) {
         return NULL;
     int want_units = unit_max != 0;
     const int64_t n = outer * units * inner;
-    const int njobs = plan(threads, want_units ? outer : (n >= 1024 ? 1024 : 1), n) + 1;
+    const int njobs = plan(threads, want_units ? outer : n, n) + 1;
     if (mode == 0) {
         lo = -__builtin_inff();
         hi = __builtin_inff();
@@ -277,7 +261,7 @@ static PyObject *gradient(PyObject *self, PyObject *args) {
     long long n;
     int threads;
     if (!PyArg_ParseTuple(args, "KLKKKi", &g, &n, &sums, &maxes, &hist, &threads)) return NULL;
-    job_t *jobs = (job_t *)calloc(plan(threads, n >= 1024 ? 1024 : 1, n) + 1, sizeof(job_t));
+    job_t *jobs = (job_t *)calloc(plan(threads, n, n) + 1, sizeof(job_t));
     if (!jobs) return PyErr_NoMemory();
     int used;
     Py_BEGIN_ALLOW_THREADS
@@ -328,15 +312,7 @@ static PyObject *norms(PyObject *self, PyObject *args) {
             Py_DECREF(z);
             return NULL;
         }
-        double total = 0.0;
-        for (long long start = 0; start < n; start += 4096) {
-            const long long len = n - start < 4096 ? n - start : 4096;
-            const float *p = x + start;
-            float q = 0.0f;
-#pragma omp simd reduction(+ : q)
-            for (long long i = 0; i < len; i++) q += p[i] * p[i];
-            total += q;
-        }
+        const double total = ISA->sumsq(x, n);
         ((float *)out)[t] = (float)sqrt(total);
     }
     Py_DECREF(a);
@@ -344,7 +320,46 @@ static PyObject *norms(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* isa() -> the instruction-set variant in use; set_isa(name) picks another (tests compare them):
+ * ValueError if this build or CPU lacks it. variants() -> those this CPU runs, best first. */
+static PyObject *isa(PyObject *self, PyObject *args) { return PyUnicode_FromString(ISA->name); }
+
+static PyObject *set_isa(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    for (int k = 0; k < N_ISAS; k++)
+        if (!strcmp(ISAS[k].name, name) && cpu_runs(name)) {
+            ISA = &ISAS[k];
+            Py_RETURN_NONE;
+        }
+    return PyErr_Format(PyExc_ValueError, "instruction set '%s' is not available here (this CPU and build run: see variants())", name);
+}
+
+static PyObject *variants(PyObject *self, PyObject *args) {
+    PyObject *out = PyList_New(0);
+    for (int k = 0; out && k < N_ISAS; k++)
+        if (cpu_runs(ISAS[k].name)) {
+            PyObject *name = PyUnicode_FromString(ISAS[k].name);
+            if (!name || PyList_Append(out, name) < 0) Py_CLEAR(out);
+            Py_XDECREF(name);
+        }
+    return out;
+}
+
+/* openmp() -> whether this build splits passes over OpenMP threads. */
+static PyObject *openmp(PyObject *self, PyObject *args) {
+#ifdef _OPENMP
+    Py_RETURN_TRUE;
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyMethodDef methods[] = {
+    {"isa", isa, METH_NOARGS, "The instruction-set variant in use."},
+    {"set_isa", set_isa, METH_VARARGS, "Use another instruction-set variant (tests)."},
+    {"variants", variants, METH_NOARGS, "The variants this CPU runs, best first."},
+    {"openmp", openmp, METH_NOARGS, "Whether passes can be split over OpenMP threads."},
     {"norms", norms, METH_VARARGS, "L2 norms of many float32 arrays (see actmon/_fused.c)."},
     {"activation", activation, METH_VARARGS, "Fused activation statistics (see actmon/_fused.c)."},
     {"gradient", gradient, METH_VARARGS, "Fused output-gradient statistics (see actmon/_fused.c)."},
@@ -353,4 +368,11 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fused(void) {
+    for (int k = 0; k < N_ISAS; k++) /* the best variant this CPU runs */
+        if (cpu_runs(ISAS[k].name)) {
+            ISA = &ISAS[k];
+            break;
+        }
+    return PyModule_Create(&module);
+}

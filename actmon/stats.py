@@ -65,10 +65,40 @@ FUSED: ModuleType | None = _load_fused()
 
 _SATURATION_MODES = {Kind.TANH: 1, Kind.SIGMOID: 2, Kind.CLIPPING: 3}
 
-# Threads per fused pass. One by default: right after torch's own parallel ops its OpenMP
-# workers still spin, and a second thread of ours halved the speed (GPT-2 layer outputs:
-# 0.96 ns per element on one thread, 2.0 on two, on the 2-core CI machine).
-FUSED_THREADS = int(os.environ.get("ACTMON_FUSED_THREADS", "1"))
+
+def _shares_torch_openmp(fused: ModuleType | None) -> bool:
+    """Whether the fused kernels' OpenMP runtime is the one torch uses (one runtime mapped).
+
+    Then a split pass runs on torch's own OpenMP workers, which sit idle (spinning) between
+    torch's ops. A second runtime's threads would compete with them instead: on 2 cores that
+    halved the speed. Unknown (not Linux, no /proc): not shared.
+    """
+    if fused is None or not fused.openmp():
+        return False
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            runtimes = {
+                line.split()[-1]
+                for line in maps
+                if any(name in line for name in ("libgomp", "libiomp", "libomp"))
+            }
+    except OSError:
+        return False
+    return len(runtimes) == 1
+
+
+# Threads per fused pass: ACTMON_FUSED_THREADS if set; else torch's thread count when the
+# OpenMP runtime is shared with torch, one otherwise (see _shares_torch_openmp).
+_THREADS_ENV = os.environ.get("ACTMON_FUSED_THREADS")
+FUSED_THREADS: int | None = int(_THREADS_ENV) if _THREADS_ENV else None
+_SHARED_OPENMP = _shares_torch_openmp(FUSED)
+
+
+def fused_threads() -> int:
+    """Threads the next fused pass may use (passes below 2**15 elements use one)."""
+    if FUSED_THREADS is not None:
+        return FUSED_THREADS
+    return torch.get_num_threads() if _SHARED_OPENMP else 1
 
 
 class Scratch:
@@ -268,7 +298,7 @@ def _fused_activation(
         counts[0].data_ptr(),
         hist.data_ptr(),
         unit_max.data_ptr() if unit_max is not None else 0,
-        FUSED_THREADS,
+        fused_threads(),
     )
     return hist, unit_max
 
@@ -374,7 +404,7 @@ def summarize_gradient(
             sums[0].data_ptr(),
             maxes[0].data_ptr(),
             hist.data_ptr() if hist is not None else 0,
-            FUSED_THREADS,
+            fused_threads(),
         )
         return hist
     torch.dot(flat, flat, out=sums[0])

@@ -25,7 +25,7 @@ KINDS = [
     KindInfo(Kind.CLIPPING, bounds=(0.0, 6.0)),
 ]
 # (shape, unit axis): units last, units on axis 1 with an inner extent, flat, 1-D, and sizes
-# above the threading threshold (2**18 elements) with a tail that does not divide evenly.
+# above the threading threshold (2**15 elements) with a tail that does not divide evenly.
 LAYOUTS = [
     ((64, 32), -1),
     ((4, 6, 5, 7), 1),
@@ -37,10 +37,20 @@ LAYOUTS = [
 ]
 
 
-@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"], autouse=True)
-def _threads(request, monkeypatch):
-    """Every comparison on one thread (the default) and split over two."""
-    monkeypatch.setattr(stats, "FUSED_THREADS", request.param)
+VARIANTS = [(isa, threads) for isa in FUSED.variants() for threads in (1, 2)]
+
+
+@pytest.fixture(params=VARIANTS, ids=[f"{isa}-{t}-thread" for isa, t in VARIANTS], autouse=True)
+def _variant(request):
+    """Every comparison with each instruction-set variant this CPU runs (AVX-512, AVX2, the
+    base one), on one thread and split over two."""
+    isa, threads = request.param
+    best, default_threads = FUSED.isa(), stats.FUSED_THREADS
+    FUSED.set_isa(isa)
+    stats.FUSED_THREADS = threads
+    yield
+    FUSED.set_isa(best)
+    stats.FUSED_THREADS = default_threads
 
 
 def _both(monkeypatch, x, info, axis):
@@ -125,3 +135,26 @@ def test_fused_norms_equal_foreach_norm_with_nan_and_inf(monkeypatch):
     assert torch.allclose(got, want, rtol=1e-6, equal_nan=True)
     monkeypatch.setattr(stats, "FUSED", None)
     assert torch.allclose(stats.norms(tensors), got, rtol=1e-5, equal_nan=True)
+
+
+def test_an_unknown_instruction_set_is_refused():
+    with pytest.raises(ValueError, match="'sse9' is not available"):
+        FUSED.set_isa("sse9")
+
+
+def test_split_passes_run_on_torchs_own_openmp_workers(monkeypatch):
+    """Built with OpenMP, the kernels use the runtime torch loaded (no second thread pool
+    competing with torch's), and follow torch's thread count."""
+    if not FUSED.openmp():
+        assert os.environ.get("CI") != "true", "actmon._fused was built without OpenMP"
+        pytest.skip("built without OpenMP")
+    assert stats._SHARED_OPENMP
+    monkeypatch.setattr(stats, "FUSED_THREADS", None)  # no ACTMON_FUSED_THREADS: the default
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert stats.fused_threads() == 1
+        torch.set_num_threads(2)
+        assert stats.fused_threads() == 2
+    finally:
+        torch.set_num_threads(before)
