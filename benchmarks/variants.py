@@ -58,9 +58,7 @@ def run(workload: str, variant: str, steps: int, warmup: int) -> list[tuple[str,
         runner = torch.compile(model) if variant == "compiled" else model
         trainers[name] = (runner, opt, monitor)
     autocast = (
-        (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-        if variant == "bf16"
-        else nullcontext
+        (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if variant == "bf16" else nullcontext
     )
     gen = torch.Generator().manual_seed(0)
     times: dict[str, list[float]] = {name: [] for name in CONFIGS}
