@@ -43,7 +43,9 @@ typedef struct {
     int nan;
     int64_t nonzero, nonfinite, nanc, sat;
     float *unit_max; /* this job's own copy (units floats) or NULL */
-    uint32_t hist[4][BINS]; /* 4 interleaved copies: repeated bins do not wait on each other */
+    /* 4 interleaved copies, so repeated bins do not wait on each other; padded, because rows
+     * exactly 8 KB apart make the same bin of two copies alias in the store buffer. */
+    uint32_t hist[4][BINS + 16];
 } job_t;
 
 #define VARIANT(name) name##_generic
