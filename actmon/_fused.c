@@ -204,6 +204,54 @@ static void release(job_t *jobs, int threads) {
     free(jobs);
 }
 
+/* NaN-propagating max, as torch.maximum and amax. */
+static inline float nanmax(float a, float b) {
+    return (a != a || b != b) ? __builtin_nanf("") : (a > b ? a : b);
+}
+
+static inline int64_t hist_total(const job_t *a, int k) {
+    return (int64_t)a->hist[0][k] + a->hist[1][k] + a->hist[2][k] + a->hist[3][k];
+}
+
+/* Non-finite bins of the raw histogram: +-Inf and NaN (see actmon/stats.py). */
+static const int NONFINITE_BINS[] = {1024 + 1020, 1020, 1024 + 1021, 1024 + 1022, 1024 + 1023,
+                                     1021, 1022, 1023};
+
+/* One activation pass merged into (*out)[0], which the caller releases; the saturation mode
+ * turned into bounds: 0 none, 1 tanh (|v| > hi), 2 sigmoid (v < lo or v > hi), 3 clipping
+ * (v <= lo or v >= hi). Returns the number of jobs used, or -1 out of memory. */
+static int activation_pass(job_t **out, const float *x, int64_t outer, int64_t units,
+                           int64_t inner, int mode, float lo, float hi, int want_units,
+                           int threads) {
+    const int64_t n = outer * units * inner;
+    const int njobs = plan(threads, want_units ? outer : n, n) + 1;
+    job_t *jobs = (job_t *)calloc(njobs, sizeof(job_t));
+    *out = jobs;
+    if (!jobs) return -1;
+    if (mode == 0) {
+        lo = -__builtin_inff();
+        hi = __builtin_inff();
+    } else if (mode == 1) {
+        lo = -hi;
+    } else if (mode == 3) { /* inclusive bounds: v <= lo  <=>  v < nextafter(lo, +inf) */
+        lo = nextafterf(lo, __builtin_inff());
+        hi = nextafterf(hi, -__builtin_inff());
+    }
+    int used;
+    Py_BEGIN_ALLOW_THREADS
+    if (want_units)
+        used = run(jobs, threads, x, outer, units, inner, lo, hi, 1, 1, 0);
+    else
+        used = run_flat(jobs, threads, x, n, lo, hi, 1, 0);
+    if (used > 0) merge(jobs, used, units, want_units);
+    Py_END_ALLOW_THREADS
+    if (used < 0) { /* a per-unit buffer could not be allocated */
+        release(jobs, njobs);
+        *out = NULL;
+    }
+    return used;
+}
+
 /* activation(x, outer, units, inner, mode, lo, hi, sums, maxes, counts, hist, unit_max, threads)
  * sums: float32 [sum, sumsq]; maxes: float32 [max, min]; counts: int32 [nonzero, saturated];
  * hist: int64 [2048] (overwritten); unit_max: float32 [units] or 0 (overwritten). */
@@ -215,32 +263,10 @@ static PyObject *activation(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KLLLiffKKKKKi", &x, &outer, &units, &inner, &mode, &lo, &hi,
                           &sums, &maxes, &counts, &hist, &unit_max, &threads))
         return NULL;
-    int want_units = unit_max != 0;
-    const int64_t n = outer * units * inner;
-    const int njobs = plan(threads, want_units ? outer : n, n) + 1;
-    if (mode == 0) {
-        lo = -__builtin_inff();
-        hi = __builtin_inff();
-    } else if (mode == 1) {
-        lo = -hi;
-    } else if (mode == 3) { /* inclusive bounds: v <= lo  <=>  v < nextafter(lo, +inf) */
-        lo = nextafterf(lo, __builtin_inff());
-        hi = nextafterf(hi, -__builtin_inff());
-    }
-    job_t *jobs = (job_t *)calloc(njobs, sizeof(job_t));
-    if (!jobs) return PyErr_NoMemory();
-    int used;
-    Py_BEGIN_ALLOW_THREADS
-    if (want_units)
-        used = run(jobs, threads, (const float *)x, outer, units, inner, lo, hi, 1, 1, 0);
-    else
-        used = run_flat(jobs, threads, (const float *)x, n, lo, hi, 1, 0);
-    if (used > 0) merge(jobs, used, units, want_units);
-    Py_END_ALLOW_THREADS
-    if (used < 0) {
-        release(jobs, njobs);
-        return PyErr_NoMemory();
-    }
+    job_t *jobs;
+    const int used = activation_pass(&jobs, (const float *)x, outer, units, inner, mode, lo, hi,
+                                     unit_max != 0, threads);
+    if (used < 0) return PyErr_NoMemory();
     job_t *a = &jobs[0];
     ((float *)sums)[0] = (float)a->sum;
     ((float *)sums)[1] = (float)a->sumsq;
@@ -248,11 +274,62 @@ static PyObject *activation(PyObject *self, PyObject *args) {
     ((float *)maxes)[1] = a->mn;
     ((int32_t *)counts)[0] = (int32_t)a->nonzero;
     ((int32_t *)counts)[1] = (int32_t)a->sat;
-    for (int k = 0; k < BINS; k++)
-        ((int64_t *)hist)[k] = (int64_t)a->hist[0][k] + a->hist[1][k] + a->hist[2][k] + a->hist[3][k];
-    if (want_units) memcpy((void *)unit_max, a->unit_max, sizeof(float) * units);
+    for (int k = 0; k < BINS; k++) ((int64_t *)hist)[k] = hist_total(a, k);
+    if (unit_max) memcpy((void *)unit_max, a->unit_max, sizeof(float) * units);
     release(jobs, used);
     Py_RETURN_NONE;
+}
+
+/* activation_into(x, outer, units, inner, mode, lo, hi, sum_row, max_row, count_row, hist_row,
+ *                 unit_max, threads) -> this call's count of non-finite elements
+ * The same pass added straight into one layer's rows of the window buffers (no per-call slots
+ * and no fold): sum_row float64 [sum, sumsq] +=; max_row float32 [max, -min] max=;
+ * count_row int64 [nonzero, saturated] +=; hist_row int64 [2048] +=; unit_max float32 [units]
+ * max= (the step's per-unit maxima) or 0. Maxima propagate NaN, as the fold's amax does. */
+static PyObject *activation_into(PyObject *self, PyObject *args) {
+    unsigned long long x, sum_row, max_row, count_row, hist_row, unit_max;
+    long long outer, units, inner;
+    int mode, threads;
+    float lo, hi;
+    if (!PyArg_ParseTuple(args, "KLLLiffKKKKKi", &x, &outer, &units, &inner, &mode, &lo, &hi,
+                          &sum_row, &max_row, &count_row, &hist_row, &unit_max, &threads))
+        return NULL;
+    job_t *jobs;
+    const int used = activation_pass(&jobs, (const float *)x, outer, units, inner, mode, lo, hi,
+                                     unit_max != 0, threads);
+    if (used < 0) return PyErr_NoMemory();
+    job_t *a = &jobs[0];
+    double *sums = (double *)sum_row;
+    float *maxes = (float *)max_row;
+    int64_t *counts = (int64_t *)count_row, *hist = (int64_t *)hist_row;
+    sums[0] += a->sum;
+    sums[1] += a->sumsq;
+    maxes[0] = nanmax(maxes[0], a->mx);
+    maxes[1] = nanmax(maxes[1], -a->mn);
+    counts[0] += a->nonzero;
+    counts[1] += a->sat;
+    int64_t nonfinite = 0;
+    for (int k = 0; k < BINS; k++) hist[k] += hist_total(a, k);
+    for (int k = 0; k < 8; k++) nonfinite += hist_total(a, NONFINITE_BINS[k]);
+    if (unit_max) {
+        float *um = (float *)unit_max;
+        for (int64_t u = 0; u < units; u++) um[u] = nanmax(um[u], a->unit_max[u]);
+    }
+    release(jobs, used);
+    return PyLong_FromLongLong(nonfinite);
+}
+
+/* One output-gradient pass merged into jobs[0]; returns the jobs used (-1: out of memory). */
+static int gradient_pass(job_t **out, const float *g, int64_t n, int want_hist, int threads) {
+    job_t *jobs = (job_t *)calloc(plan(threads, n, n) + 1, sizeof(job_t));
+    *out = jobs;
+    if (!jobs) return -1;
+    int used;
+    Py_BEGIN_ALLOW_THREADS
+    used = run_flat(jobs, threads, g, n, -__builtin_inff(), __builtin_inff(), want_hist, 1);
+    merge(jobs, used, 1, 0);
+    Py_END_ALLOW_THREADS
+    return used;
 }
 
 /* gradient(g, n, sums, maxes, hist, threads)
@@ -263,14 +340,9 @@ static PyObject *gradient(PyObject *self, PyObject *args) {
     long long n;
     int threads;
     if (!PyArg_ParseTuple(args, "KLKKKi", &g, &n, &sums, &maxes, &hist, &threads)) return NULL;
-    job_t *jobs = (job_t *)calloc(plan(threads, n, n) + 1, sizeof(job_t));
-    if (!jobs) return PyErr_NoMemory();
-    int used;
-    Py_BEGIN_ALLOW_THREADS
-    used = run_flat(jobs, threads, (const float *)g, n, -__builtin_inff(), __builtin_inff(),
-                    hist != 0, 1);
-    merge(jobs, used, 1, 0);
-    Py_END_ALLOW_THREADS
+    job_t *jobs;
+    const int used = gradient_pass(&jobs, (const float *)g, n, hist != 0, threads);
+    if (used < 0) return PyErr_NoMemory();
     job_t *a = &jobs[0];
     ((float *)sums)[0] = (float)a->sumsq;
     ((float *)sums)[1] = (float)a->nonfinite;
@@ -278,9 +350,55 @@ static PyObject *gradient(PyObject *self, PyObject *args) {
     ((float *)maxes)[0] = a->mx;
     ((float *)maxes)[1] = a->mn;
     if (hist)
-        for (int k = 0; k < BINS; k++)
-        ((int64_t *)hist)[k] = (int64_t)a->hist[0][k] + a->hist[1][k] + a->hist[2][k] + a->hist[3][k];
+        for (int k = 0; k < BINS; k++) ((int64_t *)hist)[k] = hist_total(a, k);
     release(jobs, used);
+    Py_RETURN_NONE;
+}
+
+/* gradient_into(g, n, sum_row, max_row, hist_row, threads): the same pass added into one
+ * layer's window rows: sum_row float64 [sum of squares, non-finite, NaN] +=; max_row float32
+ * [max, -min] max=; hist_row int64 [2048] += (or 0 for none). */
+static PyObject *gradient_into(PyObject *self, PyObject *args) {
+    unsigned long long g, sum_row, max_row, hist_row;
+    long long n;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KLKKKi", &g, &n, &sum_row, &max_row, &hist_row, &threads))
+        return NULL;
+    job_t *jobs;
+    const int used = gradient_pass(&jobs, (const float *)g, n, hist_row != 0, threads);
+    if (used < 0) return PyErr_NoMemory();
+    job_t *a = &jobs[0];
+    double *sums = (double *)sum_row;
+    float *maxes = (float *)max_row;
+    sums[0] += a->sumsq;
+    sums[1] += (double)a->nonfinite;
+    sums[2] += (double)a->nanc;
+    maxes[0] = nanmax(maxes[0], a->mx);
+    maxes[1] = nanmax(maxes[1], -a->mn);
+    if (hist_row)
+        for (int k = 0; k < BINS; k++) ((int64_t *)hist_row)[k] += hist_total(a, k);
+    release(jobs, used);
+    Py_RETURN_NONE;
+}
+
+/* fold_units(step_max, unit_max, unit_layer, batch_dead, n): the end of a sampled step for the
+ * per-unit buffers (float32 step_max and unit_max, int64 unit_layer, float64 batch_dead):
+ * unit_max = max(unit_max, step_max) (NaN propagates); a unit whose step maximum is <= 0 (and
+ * that ran: not -inf) adds 1 to its layer's batch_dead; step_max is reset to -inf. */
+static PyObject *fold_units(PyObject *self, PyObject *args) {
+    unsigned long long step_max, unit_max, unit_layer, batch_dead;
+    long long n;
+    if (!PyArg_ParseTuple(args, "KKKKL", &step_max, &unit_max, &unit_layer, &batch_dead, &n))
+        return NULL;
+    float *sm = (float *)step_max, *um = (float *)unit_max;
+    const int64_t *layer = (const int64_t *)unit_layer;
+    double *dead = (double *)batch_dead;
+    for (long long u = 0; u < n; u++) {
+        const float v = sm[u];
+        um[u] = nanmax(um[u], v);
+        if (v <= 0.0f && v != -__builtin_inff()) dead[layer[u]] += 1.0;
+        sm[u] = -__builtin_inff();
+    }
     Py_RETURN_NONE;
 }
 
@@ -365,6 +483,9 @@ static PyMethodDef methods[] = {
     {"norms", norms, METH_VARARGS, "L2 norms of many float32 arrays (see actmon/_fused.c)."},
     {"activation", activation, METH_VARARGS, "Fused activation statistics (see actmon/_fused.c)."},
     {"gradient", gradient, METH_VARARGS, "Fused output-gradient statistics (see actmon/_fused.c)."},
+    {"activation_into", activation_into, METH_VARARGS, "activation() added into window rows."},
+    {"gradient_into", gradient_into, METH_VARARGS, "gradient() added into window rows."},
+    {"fold_units", fold_units, METH_VARARGS, "End-of-step fold of the per-unit buffers."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -166,6 +166,10 @@ class Aggregator:
         self._pending_hist: list[Tensor] = []
         self._pending_lin: list[tuple[int, Tensor]] = []
         self._pending_grad_hist: list[Tensor] = []
+        # The step's forward calls in order: (layer, its non-finite count when the fused kernels
+        # added it into the window directly, None when it is in a slot row).
+        self._calls: list[tuple[int, int | None]] = []
+        self._units_written = False  # a direct call wrote the step's per-unit maxima
         self._grad_layers_this_step: set[int] = set()
         self._layers_this_step: set[int] = set()
         self._call_nonfinite: list[tuple[int, list[int], Tensor]] = []
@@ -275,9 +279,39 @@ class Aggregator:
     ) -> None:
         """Record one forward call whose fixed-size results are already in the current rows."""
         self.fwd.layers.append(layer)
+        self._calls.append((layer, None))
         self._pending_hist.append(hist)
         if unit_max is not None:
             self._pending_units.append((layer, unit_max))
+        self._count_forward(layer, numel, linear, softmax_rows)
+
+    def forward_addresses(self, layer: int, units: bool) -> tuple[int, int, int, int, int]:
+        """Where the fused CPU kernels add one call of ``layer`` (``stats.accumulate_activation``):
+        its rows of act_sum, act_max, act_count and act_hist, and its slice of the step's
+        per-unit maxima when ``units`` (else 0). Commit the call with :meth:`commit_direct`."""
+        self._dirty = True
+        unit_address = 0
+        if units:
+            self._units_written = True
+            unit_address = _address(self.step_unit_max, self.unit_offsets[layer][0])
+        return (
+            _address(self.act_sum, layer),
+            _address(self.act_max, layer),
+            _address(self.act_count, layer),
+            _address(self.act_hist, layer),
+            unit_address,
+        )
+
+    def commit_direct(
+        self, layer: int, numel: int, nonfinite: int, linear: Tensor | None, softmax_rows: int
+    ) -> None:
+        """Record one forward call the fused kernels already added into the window."""
+        self._calls.append((layer, nonfinite))
+        self._count_forward(layer, numel, linear, softmax_rows)
+
+    def _count_forward(
+        self, layer: int, numel: int, linear: Tensor | None, softmax_rows: int
+    ) -> None:
         if linear is not None:
             self._pending_lin.append((layer, linear))
         host = self.host
@@ -297,6 +331,22 @@ class Aggregator:
         if hist is not None:
             self._pending_grad_hist.append(hist)
         self._grad_layers_this_step.add(layer)  # grad_steps counts it when the step is folded
+
+    def backward_addresses(self, layer: int, with_hist: bool) -> tuple[int, int, int]:
+        """Where the fused CPU kernels add one output gradient of ``layer``
+        (``stats.accumulate_gradient``): its rows of grad_sum, grad_max and grad_hist (0 when
+        ``with_hist`` is off). Only without loss scaling: a GradScaler's skipped steps must be
+        dropped, so those gradients go through the slot rows. Commit with
+        :meth:`commit_backward_direct`."""
+        self._dirty = True
+        return (
+            _address(self.grad_sum, layer),
+            _address(self.grad_max, layer),
+            _address(self.grad_hist, layer) if with_hist else 0,
+        )
+
+    def commit_backward_direct(self, layer: int) -> None:
+        self._grad_layers_this_step.add(layer)
 
     def record_params(
         self,
@@ -388,48 +438,76 @@ class Aggregator:
         return cached
 
     def _fold_forward(self, step: int) -> None:
-        layers = self.fwd.layers
-        if not layers:
+        calls = self._calls
+        if not calls:
             return
         self._dirty = True
-        index = self._index(layers)
-        self.act_sum.index_add_(0, index, self.fwd.used("sums").double())
-        maxes = self.fwd.used("maxes")
-        maxes[:, 1].neg_()
-        self.act_max.scatter_reduce_(0, index.unsqueeze(1).expand_as(maxes), maxes, "amax")
-        self.act_count.index_add_(0, index, self.fwd.used("counts").long())
-        hists = torch.stack(self._pending_hist)
-        self.act_hist.index_add_(0, index, hists)
-        per_call_nonfinite = hists.index_select(1, self.nonfinite_bins).sum(1)
-        self._call_nonfinite.append((step, list(layers), per_call_nonfinite))
+        layers = self.fwd.layers  # the calls in slot rows; direct calls are already in place
+        per_slot = None
+        if layers:
+            index = self._index(layers)
+            self.act_sum.index_add_(0, index, self.fwd.used("sums").double())
+            maxes = self.fwd.used("maxes")
+            maxes[:, 1].neg_()
+            self.act_max.scatter_reduce_(0, index.unsqueeze(1).expand_as(maxes), maxes, "amax")
+            self.act_count.index_add_(0, index, self.fwd.used("counts").long())
+            hists = torch.stack(self._pending_hist)
+            self.act_hist.index_add_(0, index, hists)
+            per_slot = hists.index_select(1, self.nonfinite_bins).sum(1)
+        if per_slot is not None and len(layers) == len(calls):
+            per_call = per_slot
+        else:
+            per_call = torch.tensor(
+                [count or 0 for _, count in calls], dtype=torch.int64, device=self.device
+            )
+            if per_slot is not None:  # mixed: slot calls' counts at their places in the order
+                places = [i for i, (_, count) in enumerate(calls) if count is None]
+                per_call.index_copy_(0, self._index(places), per_slot)
+        self._call_nonfinite.append((step, [layer for layer, _ in calls], per_call))
         if self._pending_lin:
             lin_layers = [layer for layer, _ in self._pending_lin]
             self.lin_hist.index_add_(
                 0, self._index(lin_layers), torch.stack([h for _, h in self._pending_lin])
             )
-        if self._pending_units:
+        if self._pending_units or self._units_written:
             self._fold_units()
         layers.clear()
+        calls.clear()
         self._pending_hist.clear()
         self._pending_lin.clear()
         self._pending_units.clear()
+        self._units_written = False
 
     def _fold_units(self) -> None:
-        unit_layers = tuple(layer for layer, _ in self._pending_units)
-        index = self._unit_index_cache.get(unit_layers)
-        if index is None:
-            positions = [
-                torch.arange(off, off + n)
-                for off, n in (self.unit_offsets[layer] for layer in unit_layers)
-            ]
-            index = torch.cat(positions).to(self.device)
-            self._unit_index_cache[unit_layers] = index
-        step_max = self.step_unit_max.fill_(_NEG_INF)
-        step_max.scatter_reduce_(0, index, torch.cat([u for _, u in self._pending_units]), "amax")
+        """The step's per-unit maxima (direct calls wrote theirs already) into the window's,
+        and the per-batch dead count; the step's maxima go back to -inf."""
+        step_max = self.step_unit_max
+        if self._pending_units:
+            unit_layers = tuple(layer for layer, _ in self._pending_units)
+            index = self._unit_index_cache.get(unit_layers)
+            if index is None:
+                positions = [
+                    torch.arange(off, off + n)
+                    for off, n in (self.unit_offsets[layer] for layer in unit_layers)
+                ]
+                index = torch.cat(positions).to(self.device)
+                self._unit_index_cache[unit_layers] = index
+            units = torch.cat([u for _, u in self._pending_units])
+            step_max.scatter_reduce_(0, index, units, "amax")
+        if stats.FUSED is not None and step_max.device.type == "cpu":  # one call, no torch ops
+            stats.FUSED.fold_units(
+                step_max.data_ptr(),
+                self.unit_max.data_ptr(),
+                self.unit_layer.data_ptr(),
+                self.batch_dead.data_ptr(),
+                self.n_units,
+            )
+            return
         torch.maximum(self.unit_max, step_max, out=self.unit_max)
         # Units of layers that ran this step and were never > 0 in it: the per-batch dead count.
         dead_now = (step_max <= 0).logical_and_(step_max != _NEG_INF)
         self.batch_dead.index_add_(0, self.unit_layer, dead_now.double())
+        step_max.fill_(_NEG_INF)
 
     def _fold_backward(self, grad_scale: Tensor | None = None) -> None:
         layers = self.bwd.layers
@@ -604,6 +682,11 @@ class Aggregator:
         self.sampled_steps = []
         self.first_step = None
         self._dirty = False
+
+
+def _address(buffer: Tensor, row: int) -> int:
+    """The address of ``buffer[row]`` (a contiguous buffer on the CPU) for the fused kernels."""
+    return buffer.data_ptr() + row * buffer.stride(0) * buffer.element_size()
 
 
 def _split(flat: np.ndarray, parts: list[Tensor]) -> list[np.ndarray]:

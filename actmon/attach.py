@@ -367,12 +367,21 @@ class Attacher:
                 f"layer {layer.name!r} output has {x.shape[spec.unit_axis]} units on axis"
                 f" {spec.unit_axis}, earlier calls had {layer.units}"
             )
-        sums, maxes, counts = self.aggregator.forward_rows()
-        hist, unit_max, linear = stats.summarize_activation(
-            x, spec, sums, maxes, counts, self._scratch
-        )
-        rows = x.numel() // x.shape[spec.softmax_dim] if spec.softmax_dim is not None else 0
-        self.aggregator.commit_forward(layer.index, x.numel(), hist, unit_max, linear, rows)
+        agg = self.aggregator
+        if spec.softmax_dim is None and stats.fusable(x):  # added into the window in place
+            units = spec.unit_axis is not None
+            nonfinite = stats.accumulate_activation(
+                x, spec, agg.forward_addresses(layer.index, units)
+            )
+            linear = stats.linear_hist(x, spec, self._scratch)
+            agg.commit_direct(layer.index, x.numel(), nonfinite, linear, 0)
+        else:
+            sums, maxes, counts = agg.forward_rows()
+            hist, unit_max, linear = stats.summarize_activation(
+                x, spec, sums, maxes, counts, self._scratch
+            )
+            rows = x.numel() // x.shape[spec.softmax_dim] if spec.softmax_dim is not None else 0
+            agg.commit_forward(layer.index, x.numel(), hist, unit_max, linear, rows)
         self._last_run = layer.index
         if self._unresolved and layer.unit_axis is not None:  # consumers inherit this unit axis
             self._producer_axis[(output.data_ptr(), tuple(output.shape))] = layer.unit_axis
@@ -448,9 +457,14 @@ class Attacher:
             scale = getattr(self.scaler, "_scale", None)  # what this backward was scaled by
             if scale is not None and self.scaler.is_enabled():
                 self.grad_scale = scale.detach().clone()  # update() changes it in place later
-        sums, maxes = self.aggregator.backward_rows()
+        agg = self.aggregator
+        if self.scaler is None and stats.fusable(g):  # added into the window in place
+            stats.accumulate_gradient(g, agg.backward_addresses(layer.index, self._grad_hist))
+            agg.commit_backward_direct(layer.index)
+            return
+        sums, maxes = agg.backward_rows()
         hist = stats.summarize_gradient(g, sums, maxes, self._grad_hist, self._grad_scratch)
-        self.aggregator.commit_backward(layer.index, g.numel(), hist)
+        agg.commit_backward(layer.index, g.numel(), hist)
 
     # ---- parameter gradients -------------------------------------------------------------
     def _optimizer_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

@@ -248,14 +248,42 @@ def summarize_activation(
     negates min), ``counts`` = [nonzero, saturated] (int32). Run it under ``torch.no_grad()``.
     Returns (raw histogram (2048,) int64, per-unit max (units,) or None, linear histogram or None).
     """
-    if FUSED is not None and x.device.type == "cpu" and x.is_contiguous():
+    if FUSED is not None and fusable(x):
         hist, unit_max = _fused_activation(FUSED, x, spec, sums, maxes, counts)
     else:
         hist, unit_max = _torch_activation(x, spec, sums, maxes, counts, scratch)
     if spec.info.kind is Kind.SOFTMAX and spec.softmax_dim is not None:
         _softmax_stats(x, spec, sums)
-    linear = _linear_hist(flat_view(x), spec, scratch) if spec.linear_bins else None
-    return hist, unit_max, linear
+    return hist, unit_max, linear_hist(x, spec, scratch)
+
+
+def linear_hist(x: Tensor, spec: ActivationSpec, scratch: Scratch) -> Tensor | None:
+    """The equal-width histogram of a bounded kind's output, or None for other kinds."""
+    return _linear_hist(flat_view(x), spec, scratch) if spec.linear_bins else None
+
+
+def fusable(x: Tensor) -> bool:
+    """Whether the fused one-pass kernels take this tensor (contiguous, on the CPU, built)."""
+    return FUSED is not None and x.device.type == "cpu" and x.is_contiguous()
+
+
+def _fused_geometry(x: Tensor, spec: ActivationSpec) -> tuple[int, int, int, int, float, float]:
+    """(outer, units, inner, saturation mode, low, high): how the kernels read ``x``."""
+    outer = units = inner = 1
+    if spec.unit_axis is not None:
+        axis = spec.unit_axis
+        shape = x.shape
+        outer, units, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+    else:
+        inner = x.numel()
+    kind = spec.info.kind
+    eps = spec.saturation_eps
+    if kind is Kind.CLIPPING:
+        assert spec.info.bounds is not None
+        low, high = spec.info.bounds
+    else:
+        low, high = eps, 1.0 - eps
+    return outer, units, inner, _SATURATION_MODES.get(kind, 0), low, high
 
 
 def _fused_activation(
@@ -268,23 +296,8 @@ def _fused_activation(
 ) -> tuple[Tensor, Tensor | None]:
     """Every per-element statistic in one pass over a contiguous CPU tensor (actmon/_fused.c)."""
     hist = torch.empty(SYMLOG_BINS, dtype=torch.int64)
-    unit_max = None
-    outer = units = inner = 1
-    if spec.unit_axis is not None:
-        axis = spec.unit_axis
-        shape = x.shape
-        outer, units, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
-        unit_max = torch.empty(units, dtype=torch.float32)
-    else:
-        inner = x.numel()
-    kind = spec.info.kind
-    mode = _SATURATION_MODES.get(kind, 0)
-    eps = spec.saturation_eps
-    if kind is Kind.CLIPPING:
-        assert spec.info.bounds is not None
-        low, high = spec.info.bounds
-    else:
-        low, high = eps, 1.0 - eps
+    outer, units, inner, mode, low, high = _fused_geometry(x, spec)
+    unit_max = torch.empty(units, dtype=torch.float32) if spec.unit_axis is not None else None
     fused.activation(
         x.data_ptr(),
         outer,
@@ -301,6 +314,33 @@ def _fused_activation(
         fused_threads(),
     )
     return hist, unit_max
+
+
+def accumulate_activation(x: Tensor, spec: ActivationSpec, rows: Sequence[int]) -> int:
+    """Add a fusable activation's statistics straight into one layer's window rows.
+
+    ``rows`` are the addresses the aggregator gives (``Aggregator.forward_addresses``): sums
+    (float64 [sum, sumsq]), maxima (float32 [max, -min]), counts (int64 [nonzero, saturated]),
+    the raw histogram (int64 [2048]) and the step's per-unit maxima (float32, or 0 when the
+    layer has no units). No per-call tensor is made and nothing is left to fold: on a CPU every
+    small torch op costs 10-50 us once a training step has pushed its code out of the caches.
+    Returns the call's count of non-finite elements. Softmax statistics are not taken here.
+    """
+    assert FUSED is not None
+    outer, units, inner, mode, low, high = _fused_geometry(x, spec)
+    return int(
+        FUSED.activation_into(
+            x.data_ptr(), outer, units, inner, mode, low, high, *rows, fused_threads()
+        )
+    )
+
+
+def accumulate_gradient(g: Tensor, rows: Sequence[int]) -> None:
+    """Add a fusable output gradient's statistics into one layer's window rows: sums (float64
+    [sum of squares, non-finite, NaN]), maxima (float32 [max, -min]) and the raw histogram
+    (int64 [2048], or 0 for none); see ``Aggregator.backward_addresses``."""
+    assert FUSED is not None
+    FUSED.gradient_into(g.data_ptr(), g.numel(), *rows, fused_threads())
 
 
 def _torch_activation(
