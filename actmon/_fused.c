@@ -402,14 +402,18 @@ static PyObject *fold_units(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* norms(addresses, sizes, out): out[i] = L2 norm of the float32 array at addresses[i] with
- * sizes[i] elements (float32 results, double accumulation; Inf and NaN propagate). One call
- * for every parameter of a model: the per-tensor dispatch of torch._foreach_norm on a CPU
- * costs more than the arithmetic for small parameters. */
+/* norms(addresses, sizes, out, threads): out[i] = L2 norm of the float32 array at addresses[i]
+ * with sizes[i] elements (float32 results, double accumulation; Inf and NaN propagate). One
+ * call for every parameter of a model: the per-tensor dispatch of torch._foreach_norm on a CPU
+ * costs more than the arithmetic for small parameters. The arrays are cut into fixed chunks
+ * (the same sums whatever the threads) that OpenMP threads share: parameters and gradients
+ * are cold in the cache by the time the optimizer steps, so this is bandwidth-bound. */
+#define NORM_CHUNK (1 << 16)
 static PyObject *norms(PyObject *self, PyObject *args) {
     PyObject *addresses, *sizes;
     unsigned long long out;
-    if (!PyArg_ParseTuple(args, "OOK", &addresses, &sizes, &out)) return NULL;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "OOK|i", &addresses, &sizes, &out, &threads)) return NULL;
     PyObject *a = PySequence_Fast(addresses, "addresses must be a sequence");
     if (!a) return NULL;
     PyObject *z = PySequence_Fast(sizes, "sizes must be a sequence");
@@ -417,26 +421,82 @@ static PyObject *norms(PyObject *self, PyObject *args) {
         Py_DECREF(a);
         return NULL;
     }
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(a);
+    const Py_ssize_t count = PySequence_Fast_GET_SIZE(a);
     if (PySequence_Fast_GET_SIZE(z) != count) {
         Py_DECREF(a);
         Py_DECREF(z);
         PyErr_SetString(PyExc_ValueError, "addresses and sizes differ in length");
         return NULL;
     }
-    for (Py_ssize_t t = 0; t < count; t++) {
-        const float *x = (const float *)PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(a, t));
-        const long long n = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(z, t));
-        if (PyErr_Occurred()) {
-            Py_DECREF(a);
-            Py_DECREF(z);
-            return NULL;
-        }
-        const double total = ISA->sumsq(x, n);
-        ((float *)out)[t] = (float)sqrt(total);
+    const float **base = (const float **)malloc(sizeof(float *) * (count + 1));
+    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (count + 1)); /* first chunk of each */
+    int64_t *len = (int64_t *)malloc(sizeof(int64_t) * (count + 1));
+    int64_t chunks = 0;
+    for (Py_ssize_t t = 0; base && first && len && t < count; t++) {
+        base[t] = (const float *)PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(a, t));
+        len[t] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(z, t));
+        first[t] = chunks;
+        chunks += (len[t] + NORM_CHUNK - 1) / NORM_CHUNK;
     }
     Py_DECREF(a);
     Py_DECREF(z);
+    double *part = base && first && len ? (double *)malloc(sizeof(double) * (chunks + 1)) : NULL;
+    if (!part || PyErr_Occurred()) {
+        free(base);
+        free(first);
+        free(len);
+        free(part);
+        return PyErr_Occurred() ? NULL : PyErr_NoMemory();
+    }
+    first[count] = chunks;
+    Py_BEGIN_ALLOW_THREADS
+    if (chunks < 8 || threads < 2) threads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
+#endif
+    for (Py_ssize_t t = 0; t < count; t++)
+        for (int64_t c = first[t]; c < first[t + 1]; c++) {
+            const int64_t start = (c - first[t]) * NORM_CHUNK;
+            const int64_t n = len[t] - start < NORM_CHUNK ? len[t] - start : NORM_CHUNK;
+            part[c] = ISA->sumsq(base[t] + start, n);
+        }
+    for (Py_ssize_t t = 0; t < count; t++) {
+        double total = 0.0;
+        for (int64_t c = first[t]; c < first[t + 1]; c++) total += part[c];
+        ((float *)out)[t] = (float)sqrt(total);
+    }
+    Py_END_ALLOW_THREADS
+    free(base);
+    free(first);
+    free(len);
+    free(part);
+    Py_RETURN_NONE;
+}
+
+/* add_squares(values, positions, acc, stride, column, counts): for each i, with p =
+ * positions[i]: acc[p * stride + column] += values[i]**2 (float32 values, float64 acc) and, when
+ * counts is not 0, counts[p] += 1 (int64). The window's per-parameter squared norms on a CPU,
+ * without a torch op. */
+static PyObject *add_squares(PyObject *self, PyObject *args) {
+    unsigned long long values, acc, counts;
+    PyObject *positions;
+    long long stride, column;
+    if (!PyArg_ParseTuple(args, "KOKLLK", &values, &positions, &acc, &stride, &column, &counts))
+        return NULL;
+    PyObject *p = PySequence_Fast(positions, "positions must be a sequence");
+    if (!p) return NULL;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(p);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const long long pos = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(p, i));
+        if (PyErr_Occurred()) {
+            Py_DECREF(p);
+            return NULL;
+        }
+        const double v = ((const float *)values)[i];
+        ((double *)acc)[pos * stride + column] += v * v;
+        if (counts) ((int64_t *)counts)[pos] += 1;
+    }
+    Py_DECREF(p);
     Py_RETURN_NONE;
 }
 
@@ -486,6 +546,7 @@ static PyMethodDef methods[] = {
     {"activation_into", activation_into, METH_VARARGS, "activation() added into window rows."},
     {"gradient_into", gradient_into, METH_VARARGS, "gradient() added into window rows."},
     {"fold_units", fold_units, METH_VARARGS, "End-of-step fold of the per-unit buffers."},
+    {"add_squares", add_squares, METH_VARARGS, "Squared norms added into the window (CPU)."},
     {NULL, NULL, 0, NULL},
 };
 

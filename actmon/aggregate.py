@@ -356,15 +356,35 @@ class Aggregator:
         update_norms: Tensor | None,
         positions: list[int],
     ) -> None:
-        """Add one sampled step's per-parameter norms (already on the device) to the window."""
+        """Add one sampled step's per-parameter norms (already on the device) to the window.
+
+        ``positions`` lists each parameter once. On a CPU with the fused kernels the squares go
+        in with one C call per column: a few cold torch ops per step cost more than the sums.
+        """
         self._dirty = True
+        counters = (self.host.param_steps, None, self.host.update_steps)
         for column, norms in enumerate((grad_norms, weight_norms, update_norms)):
-            if norms is not None:
-                self.param_sq[:, column].index_add_(0, index, norms.double().square_())
-        if grad_norms is not None:
-            self.host.param_steps[positions] += 1
-        if update_norms is not None:
-            self.host.update_steps[positions] += 1
+            if norms is None:
+                continue
+            counter = counters[column]
+            if (
+                stats.fusable(norms)
+                and norms.dtype is torch.float32
+                and stats.fusable(self.param_sq)
+            ):
+                assert stats.FUSED is not None
+                stats.FUSED.add_squares(
+                    norms.data_ptr(),
+                    positions,
+                    self.param_sq.data_ptr(),
+                    self.param_sq.stride(0),
+                    column,
+                    0 if counter is None else counter.__array_interface__["data"][0],
+                )
+                continue
+            self.param_sq[:, column].index_add_(0, index, norms.double().square_())
+            if counter is not None:
+                counter[positions] += 1
 
     def record_sentinel(self, loss: Tensor | None, grad_norm_total: Tensor | None) -> None:
         """Every step: keep the loss and total gradient norm (device scalars, no host read).

@@ -573,12 +573,14 @@ class Attacher:
         if not (self.sampling and self.config.gradients.parameters):
             return
         index = self._param_index(positions)
-        detached = [self._params[i].detach() for i in positions]
+        params: list[Tensor] = [self._params[i] for i in positions]  # norms read their memory
         if self._dtensors:
-            detached = local_tensors(detached)
-        weights = stats.norms(detached)
+            params = local_tensors([p.detach() for p in params])
+        with torch.no_grad():
+            weights = stats.norms(params)
         self.aggregator.record_params(index, norms, weights, None, positions)
         if measure_update and self.measure_update and self.config.gradients.update_ratio:
+            detached = [p.detach() for p in params]
             try:
                 before = list(torch._foreach_mul(detached, 1.0))  # transient copy, this step only
             except torch.OutOfMemoryError:

@@ -212,7 +212,7 @@ def norms(tensors: Sequence[Tensor]) -> Tensor:
         else:
             if sum(sizes) <= _FUSED_NORMS_LIMIT:
                 out = torch.empty(len(sizes), dtype=torch.float32)
-                FUSED.norms(addresses, sizes, out.data_ptr())
+                FUSED.norms(addresses, sizes, out.data_ptr(), fused_threads())
                 return out
     return torch.stack(torch._foreach_norm(list(tensors)))
 

@@ -158,3 +158,16 @@ def test_split_passes_run_on_torchs_own_openmp_workers(monkeypatch):
         assert stats.fused_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_fused_norms_of_large_tensors_split_over_chunks_and_threads():
+    """Above 8 chunks of 2**16 elements the norms are shared between threads; the chunks are
+    fixed, so the sums are the same on one thread or two."""
+    tensors = [torch.randn(n) for n in (300_001, 1 << 19, 3, 70_000)]
+    tensors[1][12345] = float("inf")
+    got = stats.norms(tensors)
+    want = torch.stack([t.double().norm() for t in tensors]).float()
+    assert torch.allclose(got, want, rtol=1e-6)
+    assert torch.isinf(got[1])
+    stats.FUSED_THREADS = 1
+    assert torch.equal(stats.norms(tensors), got)
