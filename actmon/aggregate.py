@@ -3,7 +3,10 @@
 Hooks write each call's fixed-size results into per-step slot rows (``out=``, no copy) and hand
 over the variable-size parts (histograms, per-unit maxima). At the end of a sampled step the
 slots are folded into window buffers with a constant number of ``index_add_`` /
-``scatter_reduce_`` calls, whatever the number of layers. At the end of a window everything is
+``scatter_reduce_`` calls, whatever the number of layers. On a CPU the fused kernels add a
+call into the layer's window rows in place instead (:meth:`Aggregator.forward_addresses`,
+:meth:`Aggregator.backward_addresses`), so nothing is left to fold for those calls; the call
+order and each call's non-finite count are still kept. At the end of a window everything is
 packed into one float64 vector and copied to the host once (:meth:`Aggregator.flush`).
 
 Each buffer declares how it reduces: SUM (counts, sums, histograms), MAX (maxima; minima are

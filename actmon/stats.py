@@ -3,7 +3,8 @@
 Every kernel works in float32 whatever the input dtype, makes one pass per statistic, never
 calls ``.item()`` or anything else that waits for the device, and keeps no reference to the
 tensor it summarised. Results land in caller-owned slot rows through ``out=`` so a call costs
-no extra copy; the aggregator folds the slots into window buffers once per step.
+no extra copy; the aggregator folds the slots into window buffers once per step. On a CPU the
+fused kernels instead add a call straight into the layer's window rows (``accumulate_*``).
 
 The histogram bins a value by its float32 bit pattern: ``bits >> 21`` keeps the sign, the 8
 exponent bits and the top 2 mantissa bits, i.e. 4 bins per power of two, on fixed edges that
