@@ -161,6 +161,8 @@ class Aggregator:
         self.linear_bins = linear_bins
         self.log_every = log_every
         self.device: torch.device | None = None
+        self.on_cpu = False  # buffers on the CPU: the fused kernels may add into them in place
+        self._addresses: dict[tuple[int, bool], tuple[int, ...]] = {}  # by (layer, units/hist)
         self.unit_offsets: dict[int, tuple[int, int]] = {}  # layer -> (offset, units)
         self.n_units = 0
         self._index_cache: dict[tuple[int, ...], Tensor] = {}
@@ -190,6 +192,7 @@ class Aggregator:
         if self.device is not None:
             return
         self.device = device
+        self.on_cpu = device.type == "cpu"
         L, P = self.n_layers, self.n_params
         f64, f32, i64 = torch.float64, torch.float32, torch.int64
         self.act_sum = torch.zeros(L, len(stats.ACT_SUM_FIELDS), dtype=f64, device=device)
@@ -231,6 +234,7 @@ class Aggregator:
         index = self.n_layers
         self.n_layers += 1
         self.host.grow_layers(self.n_layers)
+        self._addresses.clear()  # the buffers are reallocated below
         if self.device is not None:
             for name in (
                 "act_sum",
@@ -264,6 +268,7 @@ class Aggregator:
             self.step_unit_max = grow(self.step_unit_max, _NEG_INF)
             self.unit_layer = grow(self.unit_layer, layer)
         self._unit_index_cache.clear()
+        self._addresses.clear()
         return offset
 
     # ---- per call (hooks) ----------------------------------------------------------------
@@ -288,22 +293,28 @@ class Aggregator:
             self._pending_units.append((layer, unit_max))
         self._count_forward(layer, numel, linear, softmax_rows)
 
-    def forward_addresses(self, layer: int, units: bool) -> tuple[int, int, int, int, int]:
+    def forward_addresses(self, layer: int, units: bool) -> tuple[int, ...]:
         """Where the fused CPU kernels add one call of ``layer`` (``stats.accumulate_activation``):
         its rows of act_sum, act_max, act_count and act_hist, and its slice of the step's
-        per-unit maxima when ``units`` (else 0). Commit the call with :meth:`commit_direct`."""
+        per-unit maxima when ``units`` (else 0). Commit the call with :meth:`commit_direct`.
+        Cached until a buffer is reallocated (a layer or units added)."""
         self._dirty = True
-        unit_address = 0
         if units:
             self._units_written = True
-            unit_address = _address(self.step_unit_max, self.unit_offsets[layer][0])
-        return (
-            _address(self.act_sum, layer),
-            _address(self.act_max, layer),
-            _address(self.act_count, layer),
-            _address(self.act_hist, layer),
-            unit_address,
-        )
+        key = (layer, units)
+        addresses = self._addresses.get(key)
+        if addresses is None:
+            unit_address = 0
+            if units:
+                unit_address = _address(self.step_unit_max, self.unit_offsets[layer][0])
+            addresses = self._addresses[key] = (
+                _address(self.act_sum, layer),
+                _address(self.act_max, layer),
+                _address(self.act_count, layer),
+                _address(self.act_hist, layer),
+                unit_address,
+            )
+        return addresses
 
     def commit_direct(
         self, layer: int, numel: int, nonfinite: int, linear: Tensor | None, softmax_rows: int
@@ -335,18 +346,22 @@ class Aggregator:
             self._pending_grad_hist.append(hist)
         self._grad_layers_this_step.add(layer)  # grad_steps counts it when the step is folded
 
-    def backward_addresses(self, layer: int, with_hist: bool) -> tuple[int, int, int]:
+    def backward_addresses(self, layer: int, with_hist: bool) -> tuple[int, ...]:
         """Where the fused CPU kernels add one output gradient of ``layer``
         (``stats.accumulate_gradient``): its rows of grad_sum, grad_max and grad_hist (0 when
         ``with_hist`` is off). Only without loss scaling: a GradScaler's skipped steps must be
         dropped, so those gradients go through the slot rows. Commit with
         :meth:`commit_backward_direct`."""
         self._dirty = True
-        return (
-            _address(self.grad_sum, layer),
-            _address(self.grad_max, layer),
-            _address(self.grad_hist, layer) if with_hist else 0,
-        )
+        key = (-1 - layer, with_hist)  # negative: apart from the forward rows' keys
+        addresses = self._addresses.get(key)
+        if addresses is None:
+            addresses = self._addresses[key] = (
+                _address(self.grad_sum, layer),
+                _address(self.grad_max, layer),
+                _address(self.grad_hist, layer) if with_hist else 0,
+            )
+        return addresses
 
     def commit_backward_direct(self, layer: int) -> None:
         self._grad_layers_this_step.add(layer)

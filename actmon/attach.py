@@ -60,6 +60,7 @@ class Layer:
     specs: dict[int, stats.ActivationSpec] = field(default_factory=dict)  # by output ndim
     functional: bool = False  # an activation function called in ``module``'s forward
     owed_recompute: int = 0  # no-grad calls this step that a reentrant checkpoint will redo
+    grad_hook: Callable[[Tensor], None] | None = None  # made once, registered on each output
 
     def public(self) -> LayerInfo:
         units = self.units
@@ -300,7 +301,7 @@ class Attacher:
         start = time.perf_counter()
         try:
             tensor = first_tensor(output)
-            if tensor is not None:
+            if tensor is not None and not self._add_in_place(layer, tensor):
                 with torch.no_grad():
                     self._summarize_forward(layer, tensor, args)
         except Exception as exc:  # contained: never break the user's forward
@@ -349,6 +350,49 @@ class Attacher:
         self.on_new_layer()
         return layer
 
+    def _add_in_place(self, layer: Layer, output: Tensor) -> bool:
+        """The common CPU case in few steps: a float32 output the fused kernels take, of a layer
+        whose spec is known, added straight into its window rows. Reads only the output's
+        memory (no autograd op, so no no_grad block but around the linear histogram). False:
+        take the general path."""
+        if (
+            output.dtype is not torch.float32
+            or output.layout is not torch.strided
+            or not self.aggregator.on_cpu
+        ):
+            return False
+        spec = layer.specs.get(output.dim())
+        if spec is None or spec.softmax_dim is not None or not stats.fusable(output):
+            return False
+        numel = output.numel()
+        if not 0 < numel <= stats.INT32_LIMIT:
+            return False
+        units = spec.unit_axis is not None
+        if units and output.shape[spec.unit_axis] != layer.units:  # type: ignore[index]
+            return False  # the general path says what is wrong
+        agg = self.aggregator
+        nonfinite = stats.accumulate_activation(
+            output, spec, agg.forward_addresses(layer.index, units)
+        )
+        linear = None
+        if spec.linear_bins:  # torch ops on the output: no autograd
+            with torch.no_grad():
+                linear = stats.linear_hist(output, spec, self._scratch)
+        agg.commit_direct(layer.index, numel, nonfinite, linear, 0)
+        self._after_forward(layer, output)
+        return True
+
+    def _after_forward(self, layer: Layer, output: Tensor) -> None:
+        """After a call is recorded: the run order, and the output-gradient hook."""
+        self._last_run = layer.index
+        if self._unresolved and layer.unit_axis is not None:  # consumers inherit this unit axis
+            self._producer_axis[(output.data_ptr(), tuple(output.shape))] = layer.unit_axis
+        if self.config.gradients.output and output.requires_grad:
+            hook = layer.grad_hook
+            if hook is None:
+                hook = layer.grad_hook = self._make_grad_hook(layer)
+            output.register_hook(hook)
+
     def _summarize_forward(self, layer: Layer, output: Tensor, args: Any) -> None:
         x = stats.as_float32(output, f"layer {layer.name!r} output")
         if x is None:
@@ -382,11 +426,7 @@ class Attacher:
             )
             rows = x.numel() // x.shape[spec.softmax_dim] if spec.softmax_dim is not None else 0
             agg.commit_forward(layer.index, x.numel(), hist, unit_max, linear, rows)
-        self._last_run = layer.index
-        if self._unresolved and layer.unit_axis is not None:  # consumers inherit this unit axis
-            self._producer_axis[(output.data_ptr(), tuple(output.shape))] = layer.unit_axis
-        if self.config.gradients.output and output.requires_grad:
-            output.register_hook(self._make_grad_hook(layer))
+        self._after_forward(layer, output)
 
     def _spec_for(self, layer: Layer, output: Tensor, args: Any) -> stats.ActivationSpec:
         """Resolve the unit axis (override, module, producer, shape) and build the layer's spec."""
@@ -440,14 +480,32 @@ class Attacher:
                 return
             start = time.perf_counter()
             try:
-                with torch.no_grad():
-                    self._summarize_gradient(layer, grad)
+                if not self._add_grad_in_place(layer, grad):
+                    with torch.no_grad():
+                        self._summarize_gradient(layer, grad)
             except Exception as exc:  # contained: never break the user's backward
                 self._fail(layer, exc)
             finally:
                 self.overhead_seconds += time.perf_counter() - start
 
         return grad_hook
+
+    def _add_grad_in_place(self, layer: Layer, grad: Tensor) -> bool:
+        """The common CPU case (see :meth:`_add_in_place`): without loss scaling, a float32
+        gradient the fused kernels take goes straight into the layer's window rows."""
+        if (
+            self.scaler is not None
+            or grad.dtype is not torch.float32
+            or grad.layout is not torch.strided
+            or not self.aggregator.on_cpu
+            or not stats.fusable(grad)
+            or not 0 < grad.numel() <= stats.INT32_LIMIT
+        ):
+            return False
+        agg = self.aggregator
+        stats.accumulate_gradient(grad, agg.backward_addresses(layer.index, self._grad_hist))
+        agg.commit_backward_direct(layer.index)
+        return True
 
     def _summarize_gradient(self, layer: Layer, grad: Tensor) -> None:
         g = stats.as_float32(grad, f"layer {layer.name!r} output gradient")
@@ -458,7 +516,7 @@ class Attacher:
             if scale is not None and self.scaler.is_enabled():
                 self.grad_scale = scale.detach().clone()  # update() changes it in place later
         agg = self.aggregator
-        if self.scaler is None and stats.fusable(g):  # added into the window in place
+        if self.scaler is None and stats.fusable(g):  # a converted gradient (bf16, fp16)
             stats.accumulate_gradient(g, agg.backward_addresses(layer.index, self._grad_hist))
             agg.commit_backward_direct(layer.index)
             return

@@ -44,7 +44,7 @@ ACT_COUNT_FIELDS = ("nonzero", "saturated")
 GRAD_SUM_FIELDS = ("sumsq", "nonfinite", "nan")
 GRAD_MAX_FIELDS = ("max", "neg_min")
 
-_INT32_LIMIT = 2**31 - 1
+INT32_LIMIT = 2**31 - 1  # elements per tensor (the kernels count in int32)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -151,8 +151,8 @@ def as_float32(t: Tensor, what: str) -> Tensor | None:
         raise HookError(f"{what} has dtype {t.dtype}; supported dtypes are {allowed}")
     if t.numel() == 0:
         return None
-    if t.numel() > _INT32_LIMIT:
-        raise HookError(f"{what} has {t.numel()} elements; at most {_INT32_LIMIT} are supported")
+    if t.numel() > INT32_LIMIT:
+        raise HookError(f"{what} has {t.numel()} elements; at most {INT32_LIMIT} are supported")
     # Callers run kernels under torch.no_grad(), so no detach() (one dispatcher call) is needed.
     return t if t.dtype is torch.float32 else t.float()
 
