@@ -526,12 +526,13 @@ static PyObject *variants(PyObject *self, PyObject *args) {
     return out;
 }
 
-/* openmp() -> whether this build splits passes over OpenMP threads. */
+/* openmp() -> the address this module's omp_get_max_threads resolved to (stats.py compares it
+ * with torch's: the same runtime, the same worker threads), or None without OpenMP. */
 static PyObject *openmp(PyObject *self, PyObject *args) {
 #ifdef _OPENMP
-    Py_RETURN_TRUE;
+    return PyLong_FromVoidPtr((void *)&omp_get_max_threads);
 #else
-    Py_RETURN_FALSE;
+    Py_RETURN_NONE;
 #endif
 }
 
@@ -539,7 +540,7 @@ static PyMethodDef methods[] = {
     {"isa", isa, METH_NOARGS, "The instruction-set variant in use."},
     {"set_isa", set_isa, METH_VARARGS, "Use another instruction-set variant (tests)."},
     {"variants", variants, METH_NOARGS, "The variants this CPU runs, best first."},
-    {"openmp", openmp, METH_NOARGS, "Whether passes can be split over OpenMP threads."},
+    {"openmp", openmp, METH_NOARGS, "The OpenMP runtime's omp_get_max_threads, or None."},
     {"norms", norms, METH_VARARGS, "L2 norms of many float32 arrays (see actmon/_fused.c)."},
     {"activation", activation, METH_VARARGS, "Fused activation statistics (see actmon/_fused.c)."},
     {"gradient", gradient, METH_VARARGS, "Fused output-gradient statistics (see actmon/_fused.c)."},

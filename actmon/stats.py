@@ -14,11 +14,13 @@ counts (their exponent is all ones), so no separate ``isnan``/``isinf`` pass is 
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -68,24 +70,24 @@ _SATURATION_MODES = {Kind.TANH: 1, Kind.SIGMOID: 2, Kind.CLIPPING: 3}
 
 
 def _shares_torch_openmp(fused: ModuleType | None) -> bool:
-    """Whether the fused kernels' OpenMP runtime is the one torch uses (one runtime mapped).
+    """Whether the fused kernels' OpenMP runtime is the one torch uses.
 
     Then a split pass runs on torch's own OpenMP workers, which sit idle (spinning) between
-    torch's ops. A second runtime's threads would compete with them instead: on 2 cores that
-    halved the speed. Unknown (not Linux, no /proc): not shared.
+    torch's ops; a second runtime's threads would compete with them instead (on 2 cores that
+    halved the speed). Same runtime: our ``omp_get_max_threads`` is the function libtorch_cpu's
+    resolves to. Other libraries may map OpenMP runtimes of their own (scikit-learn vendors a
+    libgomp); that does not matter. Unknown (not Linux, another torch layout): not shared.
     """
-    if fused is None or not fused.openmp():
+    ours = fused.openmp() if fused is not None else None
+    if ours is None:
         return False
+    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            runtimes = {
-                line.split()[-1]
-                for line in maps
-                if any(name in line for name in ("libgomp", "libiomp", "libomp"))
-            }
-    except OSError:
+        loaded = ctypes.CDLL(str(library), mode=os.RTLD_NOLOAD)  # the copy torch loaded
+        theirs = ctypes.cast(loaded.omp_get_max_threads, ctypes.c_void_p).value
+    except (OSError, AttributeError):
         return False
-    return len(runtimes) == 1
+    return bool(theirs == ours)
 
 
 # Threads per fused pass: ACTMON_FUSED_THREADS if set; else torch's thread count when the
