@@ -135,16 +135,45 @@ static void init_job(job_t *j, const float *x, int64_t o0, int64_t o1, int64_t u
     j->mn = __builtin_inff();
 }
 
+/* Per calling thread and kept between calls: the jobs (33 KB each) and their per-unit maxima.
+ * Allocating and freeing ~100 KB per call churned the heap between torch's large allocations
+ * (and zeroed it twice). A thread's buffers only grow; they live as long as the process. */
+static __thread job_t *tls_jobs;
+static __thread int tls_njobs;
+static __thread float *tls_units;
+static __thread int64_t tls_nunits;
+
+static job_t *borrow_jobs(int n) {
+    if (n > tls_njobs) {
+        job_t *grown = (job_t *)realloc(tls_jobs, sizeof(job_t) * n);
+        if (!grown) return NULL;
+        tls_jobs = grown;
+        tls_njobs = n;
+    }
+    return tls_jobs;
+}
+
+static float *borrow_units(int64_t n) {
+    if (n > tls_nunits) {
+        float *grown = (float *)realloc(tls_units, sizeof(float) * n);
+        if (!grown) return NULL;
+        tls_units = grown;
+        tls_nunits = n;
+    }
+    return tls_units;
+}
+
 static int run(job_t *jobs, int threads, const float *x, int64_t outer, int64_t units,
                int64_t inner, float lo, float hi, int want_hist, int want_units, int grad) {
     threads = plan(threads, outer, outer * units * inner);
+    float *unit_max = want_units ? borrow_units(threads * units) : NULL;
+    if (want_units && !unit_max) return -1;
     for (int t = 0; t < threads; t++) {
         job_t *j = &jobs[t];
         init_job(j, x, outer * t / threads, outer * (t + 1) / threads, units, inner, lo, hi,
                  want_hist, want_units, grad);
         if (want_units) {
-            j->unit_max = (float *)malloc(sizeof(float) * units);
-            if (!j->unit_max) return -1;
+            j->unit_max = unit_max + t * units;
             for (int64_t u = 0; u < units; u++) j->unit_max[u] = -__builtin_inff();
         }
     }
@@ -199,11 +228,6 @@ static void merge(job_t *jobs, int threads, int64_t units, int want_units) {
     if (a->nan) a->mx = a->mn = __builtin_nanf("");
 }
 
-static void release(job_t *jobs, int threads) {
-    for (int t = 0; t < threads; t++) free(jobs[t].unit_max);
-    free(jobs);
-}
-
 /* NaN-propagating max, as torch.maximum and amax. */
 static inline float nanmax(float a, float b) {
     return (a != a || b != b) ? __builtin_nanf("") : (a > b ? a : b);
@@ -217,15 +241,14 @@ static inline int64_t hist_total(const job_t *a, int k) {
 static const int NONFINITE_BINS[] = {1024 + 1020, 1020, 1024 + 1021, 1024 + 1022, 1024 + 1023,
                                      1021, 1022, 1023};
 
-/* One activation pass merged into (*out)[0], which the caller releases; the saturation mode
+/* One activation pass merged into (*out)[0] (this thread's jobs); the saturation mode
  * turned into bounds: 0 none, 1 tanh (|v| > hi), 2 sigmoid (v < lo or v > hi), 3 clipping
  * (v <= lo or v >= hi). Returns the number of jobs used, or -1 out of memory. */
 static int activation_pass(job_t **out, const float *x, int64_t outer, int64_t units,
                            int64_t inner, int mode, float lo, float hi, int want_units,
                            int threads) {
     const int64_t n = outer * units * inner;
-    const int njobs = plan(threads, want_units ? outer : n, n) + 1;
-    job_t *jobs = (job_t *)calloc(njobs, sizeof(job_t));
+    job_t *jobs = borrow_jobs(plan(threads, want_units ? outer : n, n) + 1);
     *out = jobs;
     if (!jobs) return -1;
     if (mode == 0) {
@@ -245,11 +268,7 @@ static int activation_pass(job_t **out, const float *x, int64_t outer, int64_t u
         used = run_flat(jobs, threads, x, n, lo, hi, 1, 0);
     if (used > 0) merge(jobs, used, units, want_units);
     Py_END_ALLOW_THREADS
-    if (used < 0) { /* a per-unit buffer could not be allocated */
-        release(jobs, njobs);
-        *out = NULL;
-    }
-    return used;
+    return used; /* -1: the per-unit buffer could not be allocated */
 }
 
 /* activation(x, outer, units, inner, mode, lo, hi, sums, maxes, counts, hist, unit_max, threads)
@@ -276,7 +295,6 @@ static PyObject *activation(PyObject *self, PyObject *args) {
     ((int32_t *)counts)[1] = (int32_t)a->sat;
     for (int k = 0; k < BINS; k++) ((int64_t *)hist)[k] = hist_total(a, k);
     if (unit_max) memcpy((void *)unit_max, a->unit_max, sizeof(float) * units);
-    release(jobs, used);
     Py_RETURN_NONE;
 }
 
@@ -315,13 +333,12 @@ static PyObject *activation_into(PyObject *self, PyObject *args) {
         float *um = (float *)unit_max;
         for (int64_t u = 0; u < units; u++) um[u] = nanmax(um[u], a->unit_max[u]);
     }
-    release(jobs, used);
     return PyLong_FromLongLong(nonfinite);
 }
 
 /* One output-gradient pass merged into jobs[0]; returns the jobs used (-1: out of memory). */
 static int gradient_pass(job_t **out, const float *g, int64_t n, int want_hist, int threads) {
-    job_t *jobs = (job_t *)calloc(plan(threads, n, n) + 1, sizeof(job_t));
+    job_t *jobs = borrow_jobs(plan(threads, n, n) + 1);
     *out = jobs;
     if (!jobs) return -1;
     int used;
@@ -351,7 +368,6 @@ static PyObject *gradient(PyObject *self, PyObject *args) {
     ((float *)maxes)[1] = a->mn;
     if (hist)
         for (int k = 0; k < BINS; k++) ((int64_t *)hist)[k] = hist_total(a, k);
-    release(jobs, used);
     Py_RETURN_NONE;
 }
 
@@ -377,7 +393,6 @@ static PyObject *gradient_into(PyObject *self, PyObject *args) {
     maxes[1] = nanmax(maxes[1], -a->mn);
     if (hist_row)
         for (int k = 0; k < BINS; k++) ((int64_t *)hist_row)[k] += hist_total(a, k);
-    release(jobs, used);
     Py_RETURN_NONE;
 }
 
