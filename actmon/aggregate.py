@@ -532,7 +532,7 @@ class Aggregator:
                 self._unit_index_cache[unit_layers] = index
             units = torch.cat([u for _, u in self._pending_units])
             step_max.scatter_reduce_(0, index, units, "amax")
-        if stats.FUSED is not None and step_max.device.type == "cpu":  # one call, no torch ops
+        if stats.FUSED is not None and stats.fusable(step_max):  # one C call, no torch ops
             stats.FUSED.fold_units(
                 step_max.data_ptr(),
                 self.unit_max.data_ptr(),

@@ -367,20 +367,23 @@ class Attacher:
         numel = output.numel()
         if not 0 < numel <= stats.INT32_LIMIT:
             return False
-        units = spec.unit_axis is not None
-        if units and output.shape[spec.unit_axis] != layer.units:  # type: ignore[index]
+        if spec.unit_axis is not None and output.shape[spec.unit_axis] != layer.units:
             return False  # the general path says what is wrong
+        self._add_direct(layer, output, spec)
+        self._after_forward(layer, output)
+        return True
+
+    def _add_direct(self, layer: Layer, x: Tensor, spec: stats.ActivationSpec) -> None:
+        """Add a fusable float32 CPU output's statistics straight into the layer's window rows
+        (the fused kernels; nothing is left to fold)."""
         agg = self.aggregator
-        nonfinite = stats.accumulate_activation(
-            output, spec, agg.forward_addresses(layer.index, units)
-        )
+        units = spec.unit_axis is not None
+        nonfinite = stats.accumulate_activation(x, spec, agg.forward_addresses(layer.index, units))
         linear = None
         if spec.linear_bins:  # torch ops on the output: no autograd
             with torch.no_grad():
-                linear = stats.linear_hist(output, spec, self._scratch)
-        agg.commit_direct(layer.index, numel, nonfinite, linear, 0)
-        self._after_forward(layer, output)
-        return True
+                linear = stats.linear_hist(x, spec, self._scratch)
+        agg.commit_direct(layer.index, x.numel(), nonfinite, linear, 0)
 
     def _after_forward(self, layer: Layer, output: Tensor) -> None:
         """After a call is recorded: the run order, and the output-gradient hook."""
@@ -412,13 +415,8 @@ class Attacher:
                 f" {spec.unit_axis}, earlier calls had {layer.units}"
             )
         agg = self.aggregator
-        if spec.softmax_dim is None and stats.fusable(x):  # added into the window in place
-            units = spec.unit_axis is not None
-            nonfinite = stats.accumulate_activation(
-                x, spec, agg.forward_addresses(layer.index, units)
-            )
-            linear = stats.linear_hist(x, spec, self._scratch)
-            agg.commit_direct(layer.index, x.numel(), nonfinite, linear, 0)
+        if spec.softmax_dim is None and stats.fusable(x):  # e.g. a converted bf16 output
+            self._add_direct(layer, x, spec)
         else:
             sums, maxes, counts = agg.forward_rows()
             hist, unit_max, linear = stats.summarize_activation(
@@ -502,10 +500,15 @@ class Attacher:
             or not 0 < grad.numel() <= stats.INT32_LIMIT
         ):
             return False
-        agg = self.aggregator
-        stats.accumulate_gradient(grad, agg.backward_addresses(layer.index, self._grad_hist))
-        agg.commit_backward_direct(layer.index)
+        self._add_grad_direct(layer, grad)
         return True
+
+    def _add_grad_direct(self, layer: Layer, g: Tensor) -> None:
+        """Add a fusable float32 CPU gradient straight into the layer's window rows (only
+        without loss scaling: skipped steps' rows must be droppable)."""
+        agg = self.aggregator
+        stats.accumulate_gradient(g, agg.backward_addresses(layer.index, self._grad_hist))
+        agg.commit_backward_direct(layer.index)
 
     def _summarize_gradient(self, layer: Layer, grad: Tensor) -> None:
         g = stats.as_float32(grad, f"layer {layer.name!r} output gradient")
@@ -517,8 +520,7 @@ class Attacher:
                 self.grad_scale = scale.detach().clone()  # update() changes it in place later
         agg = self.aggregator
         if self.scaler is None and stats.fusable(g):  # a converted gradient (bf16, fp16)
-            stats.accumulate_gradient(g, agg.backward_addresses(layer.index, self._grad_hist))
-            agg.commit_backward_direct(layer.index)
+            self._add_grad_direct(layer, g)
             return
         sums, maxes = agg.backward_rows()
         hist = stats.summarize_gradient(g, sums, maxes, self._grad_hist, self._grad_scratch)
