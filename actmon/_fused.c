@@ -271,30 +271,48 @@ static int activation_pass(job_t **out, const float *x, int64_t outer, int64_t u
     return used; /* -1: the per-unit buffer could not be allocated */
 }
 
+/* The arguments activation() and activation_into() share, parsed, and the pass run:
+ * (x, outer, units, inner, mode, lo, hi, 4 output addresses, unit_max address or 0, threads). */
+typedef struct {
+    unsigned long long out[4], unit_max;
+    long long units;
+    job_t *jobs;
+} activation_call_t;
+
+static int activation_call(PyObject *args, activation_call_t *c) {
+    unsigned long long x;
+    long long outer, inner;
+    int mode, threads;
+    float lo, hi;
+    if (!PyArg_ParseTuple(args, "KLLLiffKKKKKi", &x, &outer, &c->units, &inner, &mode, &lo, &hi,
+                          &c->out[0], &c->out[1], &c->out[2], &c->out[3], &c->unit_max, &threads))
+        return 0;
+    if (activation_pass(&c->jobs, (const float *)x, outer, c->units, inner, mode, lo, hi,
+                        c->unit_max != 0, threads) < 0) {
+        PyErr_NoMemory();
+        return 0;
+    }
+    return 1;
+}
+
 /* activation(x, outer, units, inner, mode, lo, hi, sums, maxes, counts, hist, unit_max, threads)
  * sums: float32 [sum, sumsq]; maxes: float32 [max, min]; counts: int32 [nonzero, saturated];
  * hist: int64 [2048] (overwritten); unit_max: float32 [units] or 0 (overwritten). */
 static PyObject *activation(PyObject *self, PyObject *args) {
-    unsigned long long x, sums, maxes, counts, hist, unit_max;
-    long long outer, units, inner;
-    int mode, threads;
-    float lo, hi;
-    if (!PyArg_ParseTuple(args, "KLLLiffKKKKKi", &x, &outer, &units, &inner, &mode, &lo, &hi,
-                          &sums, &maxes, &counts, &hist, &unit_max, &threads))
-        return NULL;
-    job_t *jobs;
-    const int used = activation_pass(&jobs, (const float *)x, outer, units, inner, mode, lo, hi,
-                                     unit_max != 0, threads);
-    if (used < 0) return PyErr_NoMemory();
-    job_t *a = &jobs[0];
-    ((float *)sums)[0] = (float)a->sum;
-    ((float *)sums)[1] = (float)a->sumsq;
-    ((float *)maxes)[0] = a->mx;
-    ((float *)maxes)[1] = a->mn;
-    ((int32_t *)counts)[0] = (int32_t)a->nonzero;
-    ((int32_t *)counts)[1] = (int32_t)a->sat;
-    for (int k = 0; k < BINS; k++) ((int64_t *)hist)[k] = hist_total(a, k);
-    if (unit_max) memcpy((void *)unit_max, a->unit_max, sizeof(float) * units);
+    activation_call_t c;
+    if (!activation_call(args, &c)) return NULL;
+    const job_t *a = &c.jobs[0];
+    float *sums = (float *)c.out[0], *maxes = (float *)c.out[1];
+    int32_t *counts = (int32_t *)c.out[2];
+    int64_t *hist = (int64_t *)c.out[3];
+    sums[0] = (float)a->sum;
+    sums[1] = (float)a->sumsq;
+    maxes[0] = a->mx;
+    maxes[1] = a->mn;
+    counts[0] = (int32_t)a->nonzero;
+    counts[1] = (int32_t)a->sat;
+    for (int k = 0; k < BINS; k++) hist[k] = hist_total(a, k);
+    if (c.unit_max) memcpy((void *)c.unit_max, a->unit_max, sizeof(float) * c.units);
     Py_RETURN_NONE;
 }
 
@@ -305,21 +323,12 @@ static PyObject *activation(PyObject *self, PyObject *args) {
  * count_row int64 [nonzero, saturated] +=; hist_row int64 [2048] +=; unit_max float32 [units]
  * max= (the step's per-unit maxima) or 0. Maxima propagate NaN, as the fold's amax does. */
 static PyObject *activation_into(PyObject *self, PyObject *args) {
-    unsigned long long x, sum_row, max_row, count_row, hist_row, unit_max;
-    long long outer, units, inner;
-    int mode, threads;
-    float lo, hi;
-    if (!PyArg_ParseTuple(args, "KLLLiffKKKKKi", &x, &outer, &units, &inner, &mode, &lo, &hi,
-                          &sum_row, &max_row, &count_row, &hist_row, &unit_max, &threads))
-        return NULL;
-    job_t *jobs;
-    const int used = activation_pass(&jobs, (const float *)x, outer, units, inner, mode, lo, hi,
-                                     unit_max != 0, threads);
-    if (used < 0) return PyErr_NoMemory();
-    job_t *a = &jobs[0];
-    double *sums = (double *)sum_row;
-    float *maxes = (float *)max_row;
-    int64_t *counts = (int64_t *)count_row, *hist = (int64_t *)hist_row;
+    activation_call_t c;
+    if (!activation_call(args, &c)) return NULL;
+    const job_t *a = &c.jobs[0];
+    double *sums = (double *)c.out[0];
+    float *maxes = (float *)c.out[1];
+    int64_t *counts = (int64_t *)c.out[2], *hist = (int64_t *)c.out[3];
     sums[0] += a->sum;
     sums[1] += a->sumsq;
     maxes[0] = nanmax(maxes[0], a->mx);
@@ -329,9 +338,9 @@ static PyObject *activation_into(PyObject *self, PyObject *args) {
     int64_t nonfinite = 0;
     for (int k = 0; k < BINS; k++) hist[k] += hist_total(a, k);
     for (int k = 0; k < 8; k++) nonfinite += hist_total(a, NONFINITE_BINS[k]);
-    if (unit_max) {
-        float *um = (float *)unit_max;
-        for (int64_t u = 0; u < units; u++) um[u] = nanmax(um[u], a->unit_max[u]);
+    if (c.unit_max) {
+        float *um = (float *)c.unit_max;
+        for (int64_t u = 0; u < c.units; u++) um[u] = nanmax(um[u], a->unit_max[u]);
     }
     return PyLong_FromLongLong(nonfinite);
 }
