@@ -4,7 +4,7 @@
  * in 6 to 10 passes: sum and sum of squares (double accumulators), max and min (NaN
  * propagating, as torch.amax), the exact non-zero count, the saturated count, the 2048-bin
  * bit-pattern histogram ((bits >> 21) + 1024) and, for layers with units, each unit's maximum.
- * The tensor is read as [outer, units, inner] (units = 1, inner = 1 for a flat pass).
+ * The tensor is read as [outer, units, inner] (units = 1 for a flat pass, one row per thread).
  *
  * Speed:
  * - The per-element loops (actmon/_fused_scan.h) are compiled for AVX-512, AVX2 and the base
@@ -138,29 +138,26 @@ static void init_job(job_t *j, const float *x, int64_t o0, int64_t o1, int64_t u
 /* Per calling thread and kept between calls: the jobs (33 KB each) and their per-unit maxima.
  * Allocating and freeing ~100 KB per call churned the heap between torch's large allocations
  * (and zeroed it twice). A thread's buffers only grow; they live as long as the process. */
-static __thread job_t *tls_jobs;
-static __thread int tls_njobs;
-static __thread float *tls_units;
-static __thread int64_t tls_nunits;
+static __thread void *tls_jobs, *tls_units;
+static __thread int64_t tls_jobs_bytes, tls_units_bytes;
+
+/* *buffer with at least `bytes` bytes (grown with realloc, never shrunk), or NULL. */
+static void *borrow(void **buffer, int64_t *capacity, int64_t bytes) {
+    if (bytes > *capacity) {
+        void *grown = realloc(*buffer, bytes);
+        if (!grown) return NULL;
+        *buffer = grown;
+        *capacity = bytes;
+    }
+    return *buffer;
+}
 
 static job_t *borrow_jobs(int n) {
-    if (n > tls_njobs) {
-        job_t *grown = (job_t *)realloc(tls_jobs, sizeof(job_t) * n);
-        if (!grown) return NULL;
-        tls_jobs = grown;
-        tls_njobs = n;
-    }
-    return tls_jobs;
+    return (job_t *)borrow(&tls_jobs, &tls_jobs_bytes, (int64_t)sizeof(job_t) * n);
 }
 
 static float *borrow_units(int64_t n) {
-    if (n > tls_nunits) {
-        float *grown = (float *)realloc(tls_units, sizeof(float) * n);
-        if (!grown) return NULL;
-        tls_units = grown;
-        tls_nunits = n;
-    }
-    return tls_units;
+    return (float *)borrow(&tls_units, &tls_units_bytes, (int64_t)sizeof(float) * n);
 }
 
 static int run(job_t *jobs, int threads, const float *x, int64_t outer, int64_t units,
