@@ -19,8 +19,10 @@ Sections (``--only``):
 * flush -- from the same run: actmon's monitor.step() on window-ending steps (the one
   device-to-host copy, the Snapshot, rules, hand-over to the sink threads) against other steps.
 * memory -- peak RSS cannot be told apart inside one shared process, so each (workload,
-  configuration) runs again alone in a short subprocess; its peak RSS (VmHWM, imports
-  included) and the growth from set-up (model, optimizer and monitor built) to the peak.
+  configuration) runs again alone in short fresh subprocesses, in interleaved rounds
+  (``--memory-repeats``, 5 for no monitor and actmon, one for each peer): the median peak RSS
+  (VmHWM, imports included), its range, and the growth from set-up (model, optimizer and
+  monitor built) to the peak. One process's peak moves by tens of MB on its own.
 * scaling -- 10-, 100- and 1,000-block MLPs of width 32 (Linear + ReLU per block) under none /
   default / full; the least-squares slope of overhead against blocks is the per-layer cost.
 * soak -- benchmarks/soak.py for 2,000 steps (a window every step, the store on): RSS, live
@@ -474,58 +476,93 @@ def memory_probe(spec: str, steps: int, device: torch.device) -> None:
 def memory_section(
     report: Report, args: argparse.Namespace, peers: list[str], device: torch.device
 ) -> None:
+    repeats = max(1, args.memory_repeats)
     report.section(
-        "Peak RSS: one subprocess per configuration",
+        "Peak RSS: fresh subprocesses, interleaved rounds",
         f"Each configuration runs alone in a fresh process for {args.memory_steps} steps (with"
         " the defaults: actmon's first window flush and its first sampled step, with the"
         " transient parameter copy of the update ratio)."
-        " peak: the process's peak RSS (VmHWM), imports included;"
-        " Δ none: peak minus the no-monitor process's; growth: peak minus RSS after set-up"
-        " (model, optimizer, monitor built, before the first step).",
+        f" No monitor and actmon's configurations run {repeats} times each, in rounds of one"
+        " process per configuration in a freshly shuffled order; peers once. A single process's"
+        " peak moves by tens of MB on its own (glibc's heap), so the figures are medians."
+        " peak: the median of the processes' peak RSS (VmHWM), imports included; range: the"
+        " lowest and highest peak; Δ none: median peak minus the no-monitor median; growth:"
+        " median of peak minus RSS after set-up (model, optimizer, monitor built, before the"
+        " first step).",
     )
     rows = []
     for name in args.workloads:
-        base = None
-        for config in ["none", *ACTMON_CONFIGS, *peers]:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--probe-memory",
-                f"{name}:{config}",
-                "--memory-steps",
-                str(args.memory_steps),
-                "--threads",
-                str(args.threads),
-                "--device",
-                args.device,
-            ]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-            if out.returncode or not lines:
-                tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-                rows.append([WORKLOADS[name].name, config, "failed: " + " / ".join(tail)])
+        configs = ["none", *ACTMON_CONFIGS, *peers]
+        runs = {c: repeats if c == "none" or c in ACTMON_CONFIGS else 1 for c in configs}
+        probes: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
+        failed: dict[str, str] = {}
+        for round_ in range(repeats):
+            order = [c for c in configs if round_ < runs[c] and c not in failed]
+            random.shuffle(order)
+            for config in order:
+                result = _probe_memory(name, config, args)
+                if isinstance(result, str):
+                    failed[config] = result
+                    continue
+                probes[config].append(result)
+                print(f"  {name}:{config} peak {result['peak']:.0f} MB", flush=True)
+        base = statistics.median(m["peak"] for m in probes["none"]) if probes["none"] else None
+        for config in configs:
+            if config in failed:
+                rows.append([WORKLOADS[name].name, config, "failed: " + failed[config]])
                 continue
-            m = json.loads(lines[-1])
-            base = m["peak"] if config == "none" else base
-            delta = "" if base is None or config == "none" else f"{m['peak'] - base:+.0f}"
-            pct = "" if base is None or config == "none" else f"{(m['peak'] / base - 1) * 100:+.1f}"
+            peaks = [m["peak"] for m in probes[config]]
+            peak = statistics.median(peaks)
+            vs_none = base is not None and config != "none"
             row = [
                 WORKLOADS[name].name,
                 config,
-                f"{m['peak']:.0f}",
-                delta,
-                pct,
-                f"{m['peak'] - m['setup']:.0f}",
+                str(len(peaks)),
+                f"{peak:.0f}",
+                f"{min(peaks):.0f}-{max(peaks):.0f}",
+                f"{peak - base:+.0f}" if vs_none and base is not None else "",
+                f"{(peak / base - 1) * 100:+.1f}" if vs_none and base is not None else "",
+                f"{statistics.median(m['peak'] - m['setup'] for m in probes[config]):.0f}",
             ]
             if device.type == "cuda":
-                row.append(f"{m['gpu_peak']:.0f}")
+                row.append(f"{statistics.median(m['gpu_peak'] for m in probes[config]):.0f}")
             rows.append(row)
-            print(f"  {name}:{config} peak {m['peak']:.0f} MB", flush=True)
-    header = ["workload", "config", "peak RSS MB", "Δ none MB", "Δ none %", "growth MB"]
+    header = [
+        "workload",
+        "config",
+        "runs",
+        "peak RSS MB",
+        "range MB",
+        "Δ none MB",
+        "Δ none %",
+        "growth MB",
+    ]
     if device.type == "cuda":
         header.append("peak CUDA MB")
     rows = [r + [""] * (len(header) - len(r)) if len(r) < len(header) else r for r in rows]
     report.table(header, rows)
+
+
+def _probe_memory(name: str, config: str, args: argparse.Namespace) -> dict[str, float] | str:
+    """One fresh process training ``name`` under ``config``: its RSS figures, or why it failed."""
+    cmd = [
+        sys.executable,
+        __file__,
+        "--probe-memory",
+        f"{name}:{config}",
+        "--memory-steps",
+        str(args.memory_steps),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not lines:
+        return " / ".join((out.stderr or out.stdout).strip().splitlines()[-3:])
+    result: dict[str, float] = json.loads(lines[-1])
+    return result
 
 
 def scaling_section(report: Report, args: argparse.Namespace, device: torch.device) -> None:
@@ -627,6 +664,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--memory-steps", type=int, default=12)
+    parser.add_argument(
+        "--memory-repeats",
+        type=int,
+        default=5,
+        help="fresh processes per configuration for no monitor and actmon (peers: one)",
+    )
     parser.add_argument("--scaling-steps", type=int, default=40)
     parser.add_argument("--blocks", default=",".join(map(str, SCALING_BLOCKS)))
     parser.add_argument("--soak-steps", type=int, default=2000)
