@@ -47,11 +47,9 @@ static inline void VARIANT(hist_block)(job_t *j, const int32_t *b, int64_t n) {
 /* Saturation as one test for every kind: v < lo or v > hi (strict). The caller turns tanh's
  * |v| > hi into (-hi, hi) and clipping's inclusive bounds into the next floats inward; with no
  * saturation both are infinite and nothing counts. NaN compares false everywhere. */
-static inline void VARIANT(scan)(job_t *j, const float *seg, int64_t len, float *umax,
-                                 const int grad) {
+static inline void VARIANT(scan)(job_t *j, const float *seg, int64_t len, const int grad) {
     const int32_t *bits = (const int32_t *)seg;
     const float lo = j->lo, hi = j->hi;
-    float seg_max = -__builtin_inff();
     int nan = 0;
     /* Blocks keep float partial sums short (accurate) and let the loop vectorize. */
     for (int64_t start = 0; start < len; start += 4096) {
@@ -90,14 +88,12 @@ static inline void VARIANT(scan)(job_t *j, const float *seg, int64_t len, float 
         j->sumsq += q;
         j->mx = mx > j->mx ? mx : j->mx;
         j->mn = mn < j->mn ? mn : j->mn;
-        seg_max = mx > seg_max ? mx : seg_max;
         nan |= isnan != 0;
         j->nonzero += nz;
         j->nonfinite += nf;
         j->nanc += nn;
         j->sat += sat;
     }
-    if (umax) *umax = (nan || *umax != *umax) ? __builtin_nanf("") : (seg_max > *umax ? seg_max : *umax);
     j->nan |= nan;
 }
 
@@ -106,9 +102,9 @@ static void VARIANT(run_job)(job_t *j) {
         const float *rows = j->x + j->o0 * j->units * j->inner;
         const int64_t n = (j->o1 - j->o0) * j->units * j->inner;
         if (j->grad)
-            VARIANT(scan)(j, rows, n, NULL, 1);
+            VARIANT(scan)(j, rows, n, 1);
         else
-            VARIANT(scan)(j, rows, n, NULL, 0);
+            VARIANT(scan)(j, rows, n, 0);
     } else if (j->inner == 1) {
         /* Units on the last axis: groups of rows of about a block, each unit's max over the
          * group's rows, then one pass over the group while it is in L1. */
@@ -124,13 +120,33 @@ static void VARIANT(run_job)(job_t *j) {
                     um[u] = (v > um[u] || v != v) ? v : um[u];
                 }
             }
-            VARIANT(scan)(j, j->x + o * j->units, (end - o) * j->units, NULL, 0);
+            VARIANT(scan)(j, j->x + o * j->units, (end - o) * j->units, 0);
         }
-    } else { /* units with an inner extent (N, C, H, W): one pass per (row, unit) */
+    } else {
+        /* Units with an inner extent (N, C, H, W): groups of whole units of about a block,
+         * each unit's max over its own extent, then one pass over the group while it is in L1
+         * (a pass per unit costs its fixed part per 7x7 or 4x4 map: several times the work). */
+        float *um = j->unit_max;
+        const int64_t inner = j->inner;
+        const int64_t group = inner >= 4096 ? 1 : 4096 / inner;
         for (int64_t o = j->o0; o < j->o1; o++) {
-            const float *row = j->x + o * j->units * j->inner;
-            for (int64_t u = 0; u < j->units; u++)
-                VARIANT(scan)(j, row + u * j->inner, j->inner, &j->unit_max[u], 0);
+            const float *row = j->x + o * j->units * inner;
+            for (int64_t u0 = 0; u0 < j->units; u0 += group) {
+                const int64_t u1 = u0 + group < j->units ? u0 + group : j->units;
+                for (int64_t u = u0; u < u1; u++) {
+                    const float *p = row + u * inner;
+                    float mx = -__builtin_inff();
+                    int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+                    for (int64_t i = 0; i < inner; i++) {
+                        const float v = p[i];
+                        mx = v > mx ? v : mx;
+                        nan |= v != v;
+                    }
+                    um[u] = (nan || um[u] != um[u]) ? __builtin_nanf("") : (mx > um[u] ? mx : um[u]);
+                }
+                VARIANT(scan)(j, row + u0 * inner, (u1 - u0) * inner, 0);
+            }
         }
     }
 }

@@ -24,11 +24,14 @@ KINDS = [
     KindInfo(Kind.SIGMOID, bounds=(0.0, 1.0)),
     KindInfo(Kind.CLIPPING, bounds=(0.0, 6.0)),
 ]
-# (shape, unit axis): units last, units on axis 1 with an inner extent, flat, 1-D, and sizes
-# above the threading threshold (2**15 elements) with a tail that does not divide evenly.
+# (shape, unit axis): units last, units on axis 1 with an inner extent (maps smaller than a
+# 4096-element block read in groups of units, a last group short), flat, 1-D, and sizes above
+# the threading threshold (2**15 elements) with a tail that does not divide evenly.
 LAYOUTS = [
     ((64, 32), -1),
     ((4, 6, 5, 7), 1),
+    ((5, 300, 4, 4), 1),
+    ((9, 1000, 3, 3), 1),
     ((8, 16, 24), None),
     ((37,), 0),
     ((3, 7, 111, 131), 1),
@@ -78,6 +81,25 @@ def test_fused_activation_equals_the_torch_op_kernels(monkeypatch, info, shape, 
     if axis is not None:
         assert f_units is not None
         assert torch.allclose(f_units, p_units, equal_nan=True, rtol=0, atol=0)
+
+
+def test_unit_maxima_of_small_maps_in_later_groups_keep_nan_and_inf(monkeypatch):
+    """Units of 4x4 maps are read 256 to a group: NaN, +Inf and all-negative units in the
+    second group of a row, and the row's last, short group, get their own maxima."""
+    x = torch.randn(3, 300, 4, 4)
+    x[1, 290, 2, 3] = float("nan")  # second group (units 256-299) of row 1
+    x[:, 257] = float("-inf")  # a whole unit at -inf: its max is -inf
+    x[:, 299] = -torch.rand(3, 4, 4) - 1  # the last unit never positive
+    x[0, 280, 0, 0] = float("inf")
+    fused, plain = _both(monkeypatch, x, KindInfo(Kind.RELU), 1)
+    f_units, p_units = fused[4], plain[4]
+    assert torch.allclose(f_units, p_units, equal_nan=True, rtol=0, atol=0)
+    want = x.amax(dim=(0, 2, 3))  # plain torch on the same tensor: NaN propagates
+    assert torch.allclose(f_units, want, equal_nan=True, rtol=0, atol=0)
+    assert torch.isnan(f_units[290])
+    assert f_units[280] == float("inf")
+    assert f_units[257] == float("-inf")
+    assert f_units[299] < 0
 
 
 def test_fused_sums_are_at_least_as_accurate_as_float32_torch(monkeypatch):
