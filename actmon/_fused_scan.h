@@ -47,7 +47,7 @@ static inline void VARIANT(hist_block)(job_t *j, const int32_t *b, int64_t n) {
 /* Saturation as one test for every kind: v < lo or v > hi (strict). The caller turns tanh's
  * |v| > hi into (-hi, hi) and clipping's inclusive bounds into the next floats inward; with no
  * saturation both are infinite and nothing counts. NaN compares false everywhere. */
-static inline void VARIANT(scan)(job_t *j, const float *seg, int64_t len, const int grad) {
+static inline int VARIANT(scan)(job_t *j, const float *seg, int64_t len, const int grad) {
     const int32_t *bits = (const int32_t *)seg;
     const float lo = j->lo, hi = j->hi;
     int nan = 0;
@@ -95,6 +95,7 @@ static inline void VARIANT(scan)(job_t *j, const float *seg, int64_t len, const 
         j->sat += sat;
     }
     j->nan |= nan;
+    return nan;
 }
 
 static void VARIANT(run_job)(job_t *j) {
@@ -107,20 +108,23 @@ static void VARIANT(run_job)(job_t *j) {
             VARIANT(scan)(j, rows, n, 0);
     } else if (j->inner == 1) {
         /* Units on the last axis: groups of rows of about a block, each unit's max over the
-         * group's rows, then one pass over the group while it is in L1. */
+         * group's rows, then one pass over the group while it is in L1. The max skips NaN (a
+         * plain vmaxps) and keeps a NaN already there; a group whose pass saw a NaN puts its
+         * NaN units' maxima to NaN after. */
         float *um = j->unit_max;
-        const int64_t group = j->units >= 4096 ? 1 : 4096 / j->units;
+        const int64_t units = j->units;
+        const int64_t group = units >= 4096 ? 1 : 4096 / units;
         for (int64_t o = j->o0; o < j->o1; o += group) {
             const int64_t end = o + group < j->o1 ? o + group : j->o1;
             for (int64_t r = o; r < end; r++) {
-                const float *row = j->x + r * j->units;
+                const float *row = j->x + r * units;
 #pragma omp simd
-                for (int64_t u = 0; u < j->units; u++) {
-                    const float v = row[u];
-                    um[u] = (v > um[u] || v != v) ? v : um[u];
-                }
+                for (int64_t u = 0; u < units; u++) um[u] = row[u] > um[u] ? row[u] : um[u];
             }
-            VARIANT(scan)(j, j->x + o * j->units, (end - o) * j->units, 0);
+            if (VARIANT(scan)(j, j->x + o * units, (end - o) * units, 0))
+                for (int64_t r = o; r < end; r++)
+                    for (int64_t u = 0; u < units; u++)
+                        if (j->x[r * units + u] != j->x[r * units + u]) um[u] = __builtin_nanf("");
         }
     } else {
         /* Units with an inner extent (N, C, H, W): groups of whole units of about a block,
@@ -136,16 +140,14 @@ static void VARIANT(run_job)(job_t *j) {
                 for (int64_t u = u0; u < u1; u++) {
                     const float *p = row + u * inner;
                     float mx = -__builtin_inff();
-                    int nan = 0;
-#pragma omp simd reduction(max : mx) reduction(| : nan)
-                    for (int64_t i = 0; i < inner; i++) {
-                        const float v = p[i];
-                        mx = v > mx ? v : mx;
-                        nan |= v != v;
-                    }
-                    um[u] = (nan || um[u] != um[u]) ? __builtin_nanf("") : (mx > um[u] ? mx : um[u]);
+#pragma omp simd reduction(max : mx)
+                    for (int64_t i = 0; i < inner; i++) mx = p[i] > mx ? p[i] : mx;
+                    um[u] = mx > um[u] ? mx : um[u]; /* NaN skipped; one already there kept */
                 }
-                VARIANT(scan)(j, row + u0 * inner, (u1 - u0) * inner, 0);
+                if (VARIANT(scan)(j, row + u0 * inner, (u1 - u0) * inner, 0))
+                    for (int64_t u = u0; u < u1; u++)
+                        for (int64_t i = 0; i < inner; i++)
+                            if (row[u * inner + i] != row[u * inner + i]) um[u] = __builtin_nanf("");
             }
         }
     }

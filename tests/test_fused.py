@@ -83,23 +83,31 @@ def test_fused_activation_equals_the_torch_op_kernels(monkeypatch, info, shape, 
         assert torch.allclose(f_units, p_units, equal_nan=True, rtol=0, atol=0)
 
 
-def test_unit_maxima_of_small_maps_in_later_groups_keep_nan_and_inf(monkeypatch):
-    """Units of 4x4 maps are read 256 to a group: NaN, +Inf and all-negative units in the
-    second group of a row, and the row's last, short group, get their own maxima."""
-    x = torch.randn(3, 300, 4, 4)
-    x[1, 290, 2, 3] = float("nan")  # second group (units 256-299) of row 1
-    x[:, 257] = float("-inf")  # a whole unit at -inf: its max is -inf
-    x[:, 299] = -torch.rand(3, 4, 4) - 1  # the last unit never positive
-    x[0, 280, 0, 0] = float("inf")
-    fused, plain = _both(monkeypatch, x, KindInfo(Kind.RELU), 1)
+@pytest.mark.parametrize(
+    ("shape", "axis", "nan_at"),
+    [((3, 300, 4, 4), 1, [(1, 290), (2, 7)]), ((300, 40), -1, [(250, 9), (1, 7)])],
+    ids=["4x4 maps, 256 units a group", "units last, 102 rows a group"],
+)
+def test_unit_maxima_in_later_groups_keep_nan_and_inf(monkeypatch, shape, axis, nan_at):
+    """The kernels read units in groups of about a block, take maxima that skip NaN, and put
+    a unit whose group saw a NaN to NaN after. NaN (in a later group of units or of rows),
+    +Inf, -Inf and never-positive units get their own maxima, and a NaN stays once seen."""
+    x = torch.randn(shape)
+    units = x.movedim(axis, -1)  # a view, units last: writes land in x
+    for row, unit in nan_at:
+        units[row, ..., unit] = float("nan")
+    units[..., 21] = float("-inf")  # a whole unit at -inf: its max is -inf
+    units[..., 13] = -torch.rand(units[..., 13].shape) - 1  # never positive
+    units[0, ..., 17] = float("inf")
+    fused, plain = _both(monkeypatch, x, KindInfo(Kind.RELU), axis)
     f_units, p_units = fused[4], plain[4]
     assert torch.allclose(f_units, p_units, equal_nan=True, rtol=0, atol=0)
-    want = x.amax(dim=(0, 2, 3))  # plain torch on the same tensor: NaN propagates
+    want = units.reshape(-1, units.shape[-1]).amax(dim=0)  # plain torch: NaN propagates
     assert torch.allclose(f_units, want, equal_nan=True, rtol=0, atol=0)
-    assert torch.isnan(f_units[290])
-    assert f_units[280] == float("inf")
-    assert f_units[257] == float("-inf")
-    assert f_units[299] < 0
+    assert torch.isnan(f_units).nonzero().flatten().tolist() == sorted(u for _, u in nan_at)
+    assert f_units[17] == float("inf")
+    assert f_units[21] == float("-inf")
+    assert f_units[13] < 0
 
 
 def test_fused_sums_are_at_least_as_accurate_as_float32_torch(monkeypatch):
