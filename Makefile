@@ -35,6 +35,7 @@ test: lint system-deps
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
 	$(BIN)/pip install --quiet -c constraints.txt --no-deps 'fastai>=2.7'
+	$(BIN)/python benchmarks/kernels.py
 	$(BIN)/python benchmarks/overhead.py
 
 clean:
