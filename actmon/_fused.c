@@ -48,6 +48,19 @@ typedef struct {
     uint32_t hist[4][BINS + 16];
 } job_t;
 
+/* The units in [u0, u1) with a NaN among rows [0, rows) of x read as [rows, row_stride] with
+ * each unit's `inner` elements contiguous: their maxima to NaN. The unit loops take maxima that
+ * skip NaN (a plain vector max); this puts NaN back for a group whose pass saw one. */
+static void mark_nan_units(float *unit_max, const float *x, int64_t rows, int64_t row_stride,
+                           int64_t u0, int64_t u1, int64_t inner) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t u = u0; u < u1; u++)
+            for (int64_t i = 0; i < inner; i++) {
+                const float v = x[r * row_stride + u * inner + i];
+                if (v != v) unit_max[u] = __builtin_nanf("");
+            }
+}
+
 #define VARIANT(name) name##_generic
 #define HIST_COMPRESS 0
 #include "_fused_scan.h"

@@ -108,9 +108,8 @@ static void VARIANT(run_job)(job_t *j) {
             VARIANT(scan)(j, rows, n, 0);
     } else if (j->inner == 1) {
         /* Units on the last axis: groups of rows of about a block, each unit's max over the
-         * group's rows, then one pass over the group while it is in L1. The max skips NaN (a
-         * plain vmaxps) and keeps a NaN already there; a group whose pass saw a NaN puts its
-         * NaN units' maxima to NaN after. */
+         * group's rows, then one pass over the group while it is in L1. The max skips NaN and
+         * keeps one already there; mark_nan_units() mends a group whose pass saw a NaN. */
         float *um = j->unit_max;
         const int64_t units = j->units;
         const int64_t group = units >= 4096 ? 1 : 4096 / units;
@@ -122,9 +121,7 @@ static void VARIANT(run_job)(job_t *j) {
                 for (int64_t u = 0; u < units; u++) um[u] = row[u] > um[u] ? row[u] : um[u];
             }
             if (VARIANT(scan)(j, j->x + o * units, (end - o) * units, 0))
-                for (int64_t r = o; r < end; r++)
-                    for (int64_t u = 0; u < units; u++)
-                        if (j->x[r * units + u] != j->x[r * units + u]) um[u] = __builtin_nanf("");
+                mark_nan_units(um, j->x + o * units, end - o, units, 0, units, 1);
         }
     } else {
         /* Units with an inner extent (N, C, H, W): groups of whole units of about a block,
@@ -145,9 +142,7 @@ static void VARIANT(run_job)(job_t *j) {
                     um[u] = mx > um[u] ? mx : um[u]; /* NaN skipped; one already there kept */
                 }
                 if (VARIANT(scan)(j, row + u0 * inner, (u1 - u0) * inner, 0))
-                    for (int64_t u = u0; u < u1; u++)
-                        for (int64_t i = 0; i < inner; i++)
-                            if (row[u * inner + i] != row[u * inner + i]) um[u] = __builtin_nanf("");
+                    mark_nan_units(um, row, 1, 0, u0, u1, inner);
             }
         }
     }
