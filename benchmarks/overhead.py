@@ -513,15 +513,17 @@ def memory_section(
                 continue
             peaks = [m["peak"] for m in probes[config]]
             peak = statistics.median(peaks)
-            vs_none = base is not None and config != "none"
+            delta = pct = ""
+            if base is not None and config != "none":
+                delta, pct = f"{peak - base:+.0f}", f"{(peak / base - 1) * 100:+.1f}"
             row = [
                 WORKLOADS[name].name,
                 config,
                 str(len(peaks)),
                 f"{peak:.0f}",
                 f"{min(peaks):.0f}-{max(peaks):.0f}",
-                f"{peak - base:+.0f}" if vs_none and base is not None else "",
-                f"{(peak / base - 1) * 100:+.1f}" if vs_none and base is not None else "",
+                delta,
+                pct,
                 f"{statistics.median(m['peak'] - m['setup'] for m in probes[config]):.0f}",
             ]
             if device.type == "cuda":
