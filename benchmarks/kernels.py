@@ -63,10 +63,6 @@ def _seconds(call: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _address(t: torch.Tensor) -> int:
-    return t.data_ptr()
-
-
 def _activation_calls(
     x: torch.Tensor, spec: stats.ActivationSpec
 ) -> tuple[Callable[[], object], Callable[[], object]]:
@@ -77,8 +73,8 @@ def _activation_calls(
     act_max, act_count = torch.zeros(2), torch.zeros(2, dtype=torch.int64)
     act_hist = torch.zeros(stats.SYMLOG_BINS, dtype=torch.int64)
     unit_max = torch.full((x.shape[spec.unit_axis],), -torch.inf) if spec.unit_axis else None
-    window = [_address(t) for t in (act_sum, act_max, act_count, act_hist)]
-    window.append(_address(unit_max) if unit_max is not None else 0)
+    window = [t.data_ptr() for t in (act_sum, act_max, act_count, act_hist)]
+    window.append(unit_max.data_ptr() if unit_max is not None else 0)
     sums, maxes = torch.zeros(4), torch.zeros(2)
     counts = torch.zeros(2, dtype=torch.int32)
     slots = (sums.unbind(0), maxes.unbind(0), counts.unbind(0))
@@ -107,7 +103,7 @@ def _gradient_calls(
     """The same for one output gradient."""
     grad_sum = torch.zeros(len(stats.GRAD_SUM_FIELDS), dtype=torch.float64)
     grad_max, grad_hist = torch.zeros(2), torch.zeros(stats.SYMLOG_BINS, dtype=torch.int64)
-    window = [_address(grad_sum), _address(grad_max), _address(grad_hist) if with_hist else 0]
+    window = [grad_sum.data_ptr(), grad_max.data_ptr(), grad_hist.data_ptr() if with_hist else 0]
     sums, maxes = torch.zeros(3), torch.zeros(2)
     slots = (sums.unbind(0), maxes.unbind(0))
     scratch = stats.Scratch()
@@ -140,9 +136,9 @@ def main() -> None:
     torch.manual_seed(0)
     isa = stats.FUSED.isa()
     print(f"torch {torch.__version__}, fused kernels: {isa}, up to {args.threads} threads")
-    many = f"fused {args.threads}t"
+    threaded = f"fused {args.threads}t"
     print(f"ns per element, median of {args.repeats} warm calls; ratio: torch ops / fused")
-    print(f"{'tensor':44} {'fused 1t':>9} {many:>9} {'torch ops':>10} {'ratio':>6}")
+    print(f"{'tensor':44} {'fused 1t':>9} {threaded:>9} {'torch ops':>10} {'ratio':>6}")
     rows: list[tuple[str, tuple[Callable[[], object], Callable[[], object]], int]] = []
     for what, shape, axis in ACTIVATIONS:
         dense = torch.randn(shape)
