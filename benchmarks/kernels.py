@@ -118,9 +118,9 @@ def _gradient_calls(
 
     held = (grad_sum, grad_max, grad_hist)
 
-    def fused() -> object:
+    def fused() -> None:
         assert held
-        return stats.accumulate_gradient(g, window)
+        stats.accumulate_gradient(g, window)
 
     return fused, torch_ops
 
