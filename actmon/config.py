@@ -158,10 +158,11 @@ class Config(_Strict):
     """Everything a monitor can be told. Defaults are chosen to stay on during real training."""
 
     run_name: str | None = None  # default: "actmon-<UTC timestamp>"
-    log_every: int = Field(10, ge=1)  # steps per window; one device-to-host copy per window
-    # Full statistics on every n-th step, counted from the first (steps 1, 1+n, 1+2n, ...);
-    # 1 = every step ("full coverage"). With n > log_every some windows hold only run-level
-    # values (loss, gradient norm: recorded on every step).
+    log_every: int = Field(20, ge=1)  # steps per window; one device-to-host copy per window
+    # Full statistics on the first step of every window and then every n-th step of it; 1 =
+    # every step ("full coverage"). Every window so holds every layer's figures; with n >=
+    # log_every that is one sampled step per window. The loss and total gradient norm are
+    # recorded on every step.
     sample_every: int = Field(20, ge=1)
     include: list[str] = Field(default_factory=lambda: ["*"])  # fnmatch globs on module names
     exclude: list[str] = Field(default_factory=list)

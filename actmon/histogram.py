@@ -82,11 +82,20 @@ def linear_edges(low: float, high: float, bins: int) -> np.ndarray:
 
 
 def quantiles(
-    edges: np.ndarray, counts: np.ndarray, qs: list[float], lo: float, hi: float
+    edges: np.ndarray,
+    counts: np.ndarray,
+    qs: list[float],
+    lo: float,
+    hi: float,
+    zero_bins: bool = False,
 ) -> dict[float, float]:
     """Quantiles read from a histogram by linear interpolation inside the bin, clamped to [lo, hi].
 
     The true quantile lies in the same bin, so the error is at most that bin's width.
+    ``zero_bins``: a quantile that falls in a bin with an edge at 0 reads 0.0. That is for the
+    raw bit-pattern bins (:func:`full_edges`), whose two zero bins are ``[-2**-128, -0]`` and
+    ``[+0, 2**-128)``: they hold exact zeros (ReLU outputs) and subnormals, and interpolating
+    inside them would report a zero as a denormal such as 2.5e-39.
     """
     total = float(counts.sum())
     if total <= 0:
@@ -98,6 +107,8 @@ def quantiles(
     inside = counts[bins].astype(np.float64)
     frac = np.divide(targets - before, inside, out=np.zeros_like(targets), where=inside > 0)
     values = edges[bins] + frac * (edges[bins + 1] - edges[bins])
+    if zero_bins:
+        values = np.where((edges[bins] == 0) | (edges[bins + 1] == 0), 0.0, values)
     if np.isfinite(lo):
         values = np.maximum(values, lo)
     if np.isfinite(hi):

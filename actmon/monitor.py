@@ -8,6 +8,7 @@ each Snapshot goes. Nothing it does on a training step reads a value back from t
 from __future__ import annotations
 
 import logging
+import numbers
 import threading
 import time
 import weakref
@@ -26,11 +27,12 @@ from actmon.attach import Attacher, Layer, select_layers
 from actmon.checks import attach_checks, loss_input_check
 from actmon.config import Config, load_config
 from actmon.errors import ConfigError, HookError, MonitorStateError
+from actmon.nonfinite import NonFiniteAttribution
 from actmon.rules import Alert, AlertError, RuleEngine
 from actmon.sinks import Sink
 from actmon.sinks.build import build_sinks
 from actmon.sinks.runner import SinkRunner
-from actmon.snapshot import LayerInfo, NonFinite, Snapshot, build_snapshot
+from actmon.snapshot import LayerInfo, LayerStats, NonFinite, Snapshot, build_snapshot
 
 log = logging.getLogger("actmon")
 
@@ -88,12 +90,12 @@ class Monitor:
         self._logged: set[str] = set()
         self._user_sinks = list(extra_sinks)
         self.history: deque[Snapshot] = deque(maxlen=self.config.history)
-        self.first_nonfinite: NonFinite | None = None
         self._step = 0  # completed steps
         self._in_window = 0
         self._flush_seconds = 0.0
-        self._escalated = False
         self._closed = False
+        # Every layer's latest figures: a window in which a layer did not run carries them.
+        self._latest_layers: dict[str, LayerStats] = {}
         n_params = sum(1 for p in model.parameters() if p.requires_grad)
         self._aggregator = Aggregator(
             len(self._layers), n_params, self.config.histogram.linear_bins, self.config.log_every
@@ -153,8 +155,10 @@ class Monitor:
                 self._loss_hook = loss_fn.register_forward_pre_hook(
                     loss_input_check(loss_fn, self._pending_alerts.append, lambda: self._step + 1)
                 )
+        self._nonfinite = NonFiniteAttribution(
+            self.config.escalate_on_nonfinite, logs=dist is None or dist.exports
+        )
         _WATCHED.add(model)
-        self._window_sampled = False  # whether the current window has had a sampled step
         self._attacher.set_sampling(self._is_sampled())
 
     # ---- public API ----------------------------------------------------------------------
@@ -169,6 +173,12 @@ class Monitor:
     def step_count(self) -> int:
         """Training steps completed so far (calls of :meth:`step`)."""
         return self._step
+
+    @property
+    def first_nonfinite(self) -> NonFinite | None:
+        """The run's first non-finite value: its step, source, and the first offending layer in
+        forward order with the step that confirmed it (once a sampled step has named it)."""
+        return self._nonfinite.first
 
     @property
     def overhead_seconds_total(self) -> float:
@@ -197,10 +207,8 @@ class Monitor:
         snapshot = None
         if self._in_window >= self.config.log_every:
             snapshot = self._flush()
-        if self._in_window == 0:
-            self._window_sampled = False
-        # The update ratio is measured once per window: on its first sampled step.
-        self._attacher.measure_update = not self._window_sampled
+        # The update ratio is measured once per window: on its first step, which is sampled.
+        self._attacher.measure_update = self._in_window == 0
         self._attacher.set_sampling(self._is_sampled())
         self._flush_seconds += time.perf_counter() - start
         if self._to_raise is not None:  # a rule with the "raise" action fired
@@ -216,7 +224,10 @@ class Monitor:
         """End the current window early (e.g. at the end of training); None if it is empty."""
         if self._in_window == 0:
             return None
-        return self._flush()
+        snapshot = self._flush()
+        self._attacher.measure_update = True
+        self._attacher.set_sampling(self._is_sampled())  # a new window starts sampled
+        return snapshot
 
     def add_sink(self, sink: Sink, name: str | None = None) -> None:
         """Send every later Snapshot to ``sink`` too (run on its own thread, like the others).
@@ -279,23 +290,59 @@ class Monitor:
 
     # ---- internals -----------------------------------------------------------------------
     def _is_sampled(self) -> bool:
-        """Whether the coming step takes full statistics: every ``sample_every``-th step from the
-        first (every step while escalated after an unexplained non-finite window)."""
-        every = 1 if self._escalated else self.config.sample_every
-        sampled = self._step % every == 0
-        self._window_sampled |= sampled
-        return sampled
+        """Whether the coming step takes full statistics.
+
+        The schedule restarts with every window: its first step is sampled, then every
+        ``sample_every``-th step of it (every step while escalated after a non-finite value no
+        sampled layer explained). So every window holds at least one sampled step and so every
+        layer's figures, whatever ``log_every`` and ``sample_every`` are; when ``log_every`` is
+        a multiple of ``sample_every`` this is every ``sample_every``-th step of the run.
+        """
+        every = 1 if self._nonfinite.escalated else self.config.sample_every
+        return self._in_window % every == 0
+
+    def _loss_value(self, loss: Tensor | float | None) -> Tensor | None:
+        """The step's loss as a device scalar, or None. A bad value is counted in ``errors``
+        (logged once per kind of problem) and the step goes on without a loss; a loss with
+        more than one element (per-sample losses) is reduced by its mean, with a warning once.
+        """
+        if loss is None:
+            return None
+        if isinstance(loss, Tensor):
+            if not (loss.is_floating_point() or loss.dtype in _INT_DTYPES):
+                return self._bad_loss("dtype", f"a tensor of dtype {loss.dtype}")
+            if loss.numel() == 0:
+                return self._bad_loss("empty", f"an empty tensor of shape {tuple(loss.shape)}")
+            if loss.numel() != 1:
+                self._count_error("(step) loss")
+                self._log_once(
+                    "loss:reduced",
+                    f"actmon: step(loss=...) got a tensor of shape {tuple(loss.shape)}; its"
+                    " mean is recorded as the step's loss (pass loss.mean() to silence this)",
+                )
+                return loss.detach().float().mean()
+            return loss.detach() if loss.is_floating_point() else loss.detach().float()
+        if isinstance(loss, bool) or not isinstance(loss, numbers.Real):  # numpy floats are Real
+            return self._bad_loss("type", f"{type(loss).__name__} {loss!r:.60}")
+        return torch.tensor(float(loss))
+
+    def _bad_loss(self, kind: str, got: str) -> Tensor | None:
+        """Count and log (once per kind) a bad loss; None: the step has no loss."""
+        self._count_error("(step) loss")
+        if self.config.strict:
+            raise HookError(f"step(loss=...): got {got}; give a float or a real tensor")
+        self._log_once(
+            f"loss:{kind}",
+            f"actmon: step(loss=...) got {got}; the step is recorded without a loss (a float"
+            " or a real-valued tensor is allowed; monitor.errors['(step) loss'] counts these)",
+        )
+        return None
 
     def _record_step(self, loss: Tensor | float | None) -> None:
         agg = self._aggregator
         total = self._attacher.end_step()
-        loss_t = None
-        if loss is not None:
-            loss_t = loss if isinstance(loss, Tensor) else torch.tensor(float(loss))
-            if loss_t.numel() != 1:
-                raise HookError(
-                    f"step(loss=...) needs a scalar loss, got shape {tuple(loss_t.shape)}"
-                )
+        loss_t = self._loss_value(loss)
+        if loss_t is not None:
             agg.ensure_device(loss_t.device)
         agg.record_sentinel(loss_t, total)
         attacher = self._attacher
@@ -325,12 +372,13 @@ class Monitor:
                 errors = dict(self.errors)
             snapshot = replace(
                 snapshot,
+                layers=self._with_carried_layers(snapshot.layers),
                 overhead_seconds_total=self.overhead_seconds_total,
                 internal_errors=errors,
                 rank=None if self._dist is None else self._dist.label,
             )
+            snapshot = self._nonfinite.observe(snapshot)
             self.history.append(snapshot)
-            self._after_window(snapshot)
             events = self._pending_alerts + self._engine.evaluate(snapshot)
             self._pending_alerts = []
         except Exception as exc:
@@ -345,6 +393,15 @@ class Monitor:
                 self._dispatch(alert)
         return snapshot
 
+    def _with_carried_layers(self, fresh: dict[str, LayerStats]) -> dict[str, LayerStats]:
+        """Every layer seen so far, in display order: this window's figures, and for a layer
+        that did not run in it, its latest ones (their ``as_of_step`` says which window)."""
+        self._latest_layers.update(fresh)
+        if len(fresh) == len(self._latest_layers):
+            return fresh
+        names = [self._layers[i].name for i in self._attacher.order]
+        return {n: self._latest_layers[n] for n in names if n in self._latest_layers}
+
     def _layers_changed(self) -> None:
         """A functional activation became a layer: rules select from the new list."""
         self._engine.set_layers(self.layers)
@@ -355,6 +412,8 @@ class Monitor:
         del self.alerts[:-10_000]
         key = (alert.rule, alert.layer)
         if alert.state == "firing":
+            if alert.layer is not None:  # a run-level alert re-issued naming its layer
+                self.active_alerts.pop((alert.rule, None), None)
             self.active_alerts[key] = alert
         else:
             self.active_alerts.pop(key, None)
@@ -383,26 +442,6 @@ class Monitor:
         if "raise" in actions and self._to_raise is None:
             self._to_raise = alert
 
-    def _after_window(self, snapshot: Snapshot) -> None:
-        nonfinite = snapshot.first_nonfinite
-        if nonfinite is not None and self.first_nonfinite is None:
-            self.first_nonfinite = nonfinite
-            where = f" in layer {nonfinite.layer!r}" if nonfinite.layer else ""
-            if self._exports:
-                log.warning(
-                    "actmon: first non-finite %s at step %d%s",
-                    nonfinite.source,
-                    nonfinite.step,
-                    where,
-                )
-        # Pinpoint the offender: after a window with a non-finite loss or gradient norm that no
-        # sampled step explained, sample every step until a layer is named.
-        if self.config.escalate_on_nonfinite:
-            unexplained = nonfinite is not None and nonfinite.layer is None
-            if unexplained and not self._escalated and self._exports:
-                log.warning("actmon: sampling every step to find the first non-finite layer")
-            self._escalated = unexplained or (self._escalated and not _has_layer(nonfinite))
-
     @property
     def _exports(self) -> bool:
         """Whether this process exports and logs: not the ranks other than 0 of a reduced run
@@ -421,6 +460,11 @@ class Monitor:
                 sinks.backoff_seconds,
             )
         )
+
+    def _count_error(self, where: str) -> None:
+        with self._errors_lock:  # hooks may run on autograd's threads, sinks on their own
+            self.errors[where] = self.errors.get(where, 0) + 1
+            self.internal_errors_total += 1
 
     def _record_sink_error(self, name: str, exc: BaseException) -> None:
         """Sink failures are counted and logged, never raised (they happen off-thread)."""
@@ -456,8 +500,7 @@ def _unwrap(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _has_layer(nonfinite: NonFinite | None) -> bool:
-    return nonfinite is not None and nonfinite.layer is not None
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def watch(

@@ -39,7 +39,7 @@ OPS: dict[str, Callable[[float, float], bool]] = {
     "!=": lambda a, b: a != b,
 }
 
-DERIVED_RUN_METRICS = ("grad_norm_depth_ratio", "grad_norm_spike", "loss_spike")
+DERIVED_RUN_METRICS = ("grad_norm_spike", "loss_spike")
 RUN_LEVEL = frozenset((*RUN_METRICS, *DERIVED_RUN_METRICS))
 EXTRA_LAYER_METRICS = ("abs_max",)  # plus quantile_<q> for each configured quantile
 
@@ -230,7 +230,9 @@ class RuleEngine:
                 continue
             for name in self.selected(rule):
                 stats = snap.layers.get(name)
-                value = stats.metrics().get(rule.metric) if stats is not None else None
+                value = None
+                if stats is not None and not stats.stale(snap.step):  # carried: counted once
+                    value = stats.metrics().get(rule.metric)
                 events.extend(self._update(rule, name, value, snap))
         return events
 
@@ -238,7 +240,10 @@ class RuleEngine:
         values = snap.run_metrics()
         # A non-finite loss or gradient norm on an unsampled step counts too (the sentinel).
         values["nonfinite_count"] = float(
-            max(snap.nonfinite_count, int(bool(snap.first_nonfinite)))
+            max(
+                snap.nonfinite_count + snap.nonfinite_loss_steps + snap.nonfinite_grad_norm_steps,
+                int(bool(snap.first_nonfinite)),
+            )
         )
         total = snap.grad_norm_total_max
         if total is not None:
@@ -255,13 +260,6 @@ class RuleEngine:
                 if median > 0:
                     values["loss_spike"] = snap.loss / median
             self._loss_history.append(snap.loss)
-        with_grads = [
-            g
-            for i in self.layers
-            if i.name in snap.layers and (g := snap.layers[i.name].grad_norm) is not None
-        ]
-        if len(with_grads) >= 2 and with_grads[-1] > 0:
-            values["grad_norm_depth_ratio"] = with_grads[0] / with_grads[-1]
         return values
 
     def _update(
@@ -274,8 +272,26 @@ class RuleEngine:
     ) -> Iterable[Alert]:
         key = (rule.name, layer)
         state = self._states.setdefault(key, _State())
-        if value is None:  # no data for this layer in this window: neither holds nor breaks
+        # No data for this layer in this window, or a value that cannot be compared (a NaN
+        # ratio after a fault is not "too low"): neither holds nor breaks.
+        if value is None or math.isnan(value):
             return ()
+        if (
+            state.active is not None
+            and state.active.layer is None
+            and layer_label is not None
+            and snap.first_nonfinite is not None
+        ):
+            # The run's first non-finite value was seen where no layer was sampled; sampling
+            # every step has now named the layer: the alert is re-issued naming it.
+            update = replace(
+                state.active,
+                layer=layer_label,
+                step=snap.first_nonfinite.confirmed_step or snap.window[1],
+                value=value,
+            )
+            state.active = update
+            return (update,)
         holds = OPS[rule.op](value, rule.threshold)
         first, last = snap.window
         if not holds:
@@ -321,6 +337,17 @@ def _rule(**kwargs: object) -> Rule:
 # threshold (a test keeps the two equal).
 DEFAULT_RULES: list[Rule] = [
     _rule(
+        name="dead_units_concerning",
+        metric="dead_fraction",
+        op=">",
+        threshold=0.1,
+        for_steps=100,
+        severity="info",
+        summary="over 10% of this layer's units are dead: worth watching (healthy layers keep"
+        " under 10%)",
+        runbook="If it keeps rising, lower the learning rate or use LeakyReLU/GELU.",
+    ),
+    _rule(
         name="dead_units",
         metric="dead_fraction",
         op=">",
@@ -358,7 +385,8 @@ DEFAULT_RULES: list[Rule] = [
         threshold=0.98,
         for_steps=100,
         severity="warning",
-        summary="softmax rows are near one-hot (entropy collapse)",
+        layers={"hidden_only": True},
+        summary="this hidden softmax's rows are near one-hot (attention entropy collapse)",
         runbook="Attention entropy collapse precedes divergence: lower the learning rate, "
         "add QK-norm or a logit cap, check the temperature.",
     ),
@@ -371,6 +399,19 @@ DEFAULT_RULES: list[Rule] = [
         summary="NaN or Inf values appeared (the layer is the first offender in forward order)",
         runbook="Check the named layer's inputs and the learning rate; use gradient "
         "clipping, a GradScaler under fp16, or a smaller eps.",
+    ),
+    _rule(
+        name="loss_divergence",
+        metric="loss_spike",
+        op=">",
+        threshold=2.0,
+        warmup_steps=100,
+        for_steps=60,
+        severity="critical",
+        summary="the loss has stayed over twice its running median for 60 steps: training is"
+        " diverging",
+        runbook="Lower the learning rate (or lengthen warm-up), clip gradients, and check the"
+        " data of the steps where it started; resume from the last good checkpoint.",
     ),
     _rule(
         name="amp_skips_persist",

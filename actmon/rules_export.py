@@ -30,11 +30,15 @@ _LAYER_METRICS = {
     "output_grad_norm": "actmon_output_grad_norm",
     "update_ratio": "actmon_update_ratio",
     "weight_norm": "actmon_weight_norm",
+    "nonfinite_units": "actmon_nonfinite_units",
 }
 _RUN_METRICS = {
     "loss": "actmon_loss",
     "grad_norm_total": "actmon_grad_norm_total",
     "amp_skip_fraction": "actmon_amp_skip_fraction",
+    "amp_skipped_steps": "actmon_amp_skipped_steps",
+    "grad_norm_depth_ratio": "actmon_grad_norm_depth_ratio",
+    # Layers' NaN/Inf values and (layer="") steps with a non-finite loss or gradient norm.
     "nonfinite_count": "sum by (run) (increase(actmon_nonfinite_total[{range}]))",
     "grad_norm_spike": (
         "actmon_grad_norm_total / quantile_over_time(0.5, actmon_grad_norm_total[1h] offset"
@@ -75,8 +79,7 @@ def export_rules(
             "labels": {"severity": rule.severity},
             "annotations": {
                 "summary": rule.summary or f"{rule.metric} {rule.op} {rule.threshold:g}",
-                "description": f"run {{{{ $labels.run }}}} layer {{{{ $labels.layer }}}}:"
-                f" {rule.metric} {rule.op} {rule.threshold:g}",
+                "description": _description(rule),
                 "runbook": rule.runbook,
             },
         }
@@ -91,6 +94,30 @@ def export_rules(
     return {"groups": [{"name": "actmon", "rules": alerts}]}, skipped
 
 
+# The run's first offending layer, looked up when the alert is rendered (the expression sums
+# over layers, so the alert itself has no layer label).
+_FIRST_LAYER = (
+    '{{ with printf "actmon_first_nonfinite_step{run=%q}" $labels.run | query }}'
+    "{{ with . | first }} first at step {{ .Value }}"
+    '{{ if ne (.Labels.layer) "" }} in layer {{ .Labels.layer }}{{ end }}'
+    " ({{ .Labels.source }}){{ end }}{{ end }}"
+)
+
+
+def _description(rule: Rule) -> str:
+    """The alert's description; it names only labels its expression keeps (run-level
+    expressions keep ``run``, per-layer ones ``run``, ``layer`` and ``kind``)."""
+    condition = f"{rule.metric} {rule.op} {rule.threshold:g}"
+    if rule.metric == "nonfinite_count":
+        return f"run {{{{ $labels.run }}}}: NaN/Inf values{_FIRST_LAYER}"
+    if rule.run_level:
+        return f"run {{{{ $labels.run }}}}: {condition} (value {{{{ $value }}}})"
+    return (
+        f"run {{{{ $labels.run }}}} layer {{{{ $labels.layer }}}}: {condition}"
+        " (value {{ $value }})"
+    )
+
+
 def _expr(rule: Rule, lookback: str) -> str | None:
     threshold = f"{rule.threshold:g}"
     step_guard = f" and on(run) actmon_step >= {rule.warmup_steps}" if rule.warmup_steps else ""
@@ -102,7 +129,7 @@ def _expr(rule: Rule, lookback: str) -> str | None:
     if rule.metric.startswith("quantile_"):
         name = "actmon_activation_quantile"
         matchers.append(f'quantile="{rule.metric.removeprefix("quantile_")}"')
-    if name is None or rule.layers.hidden_only:
+    if name is None:
         return None
     globs = rule.layers.globs
     if globs != ["*"]:
@@ -110,12 +137,15 @@ def _expr(rule: Rule, lookback: str) -> str | None:
     if rule.layers.kinds:  # by default the exporter only emits the metric where it applies
         matchers.append(f'kind=~"{"|".join(k.value for k in rule.layers.kinds)}"')
     selector = f"{name}{{{', '.join(matchers)}}}" if matchers else name
-    return f"{selector} {rule.op} {threshold}{step_guard}"
+    # actmon_layer_info's hidden label marks every layer but the model's output layer.
+    hidden = ""
+    if rule.layers.hidden_only:
+        hidden = ' and on(run, layer) actmon_layer_info{hidden="true"}'
+
+    return f"{selector} {rule.op} {threshold}{hidden}{step_guard}"
 
 
 def _why(rule: Rule) -> str:
-    if rule.layers.hidden_only:
-        return "'hidden_only' needs the model's layer order, which Prometheus does not have"
     return f"metric {rule.metric!r} is not exported to Prometheus"
 
 

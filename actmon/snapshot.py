@@ -53,6 +53,7 @@ LAYER_METRICS = (
     "dead_fraction",
     "dead_fraction_batch",
     "dormant_fraction",
+    "nonfinite_units",
     "saturation_fraction",
     "softmax_max_prob",
     "softmax_entropy",
@@ -72,6 +73,7 @@ RUN_METRICS = (
     "nonfinite_count",
     "amp_skipped_steps",
     "amp_skip_fraction",
+    "grad_norm_depth_ratio",
 )
 
 
@@ -94,6 +96,8 @@ class LayerStats:
     neginf_count: int
     units: int | None
     dead_units: int | None  # ReLU family: never > 0 in any sampled batch of the window
+    # Dead and dormant fractions are over the units whose outputs were finite: a unit that
+    # output NaN is neither dead nor alive (NaN when every unit did; see nonfinite_units).
     dead_fraction: float | None
     dead_fraction_batch: float | None  # mean over sampled batches of the per-batch dead share
     dormant_fraction: float | None  # leaky / smooth-gated: never > 0 in the window
@@ -113,6 +117,18 @@ class LayerStats:
     grad_norm: float | None = None  # parameter gradient L2 norm of the layer (RMS over steps)
     weight_norm: float | None = None
     update_ratio: float | None = None  # ||delta w|| / ||w||
+    # Units whose maximum over the window was NaN (dead/dormant fractions leave them out).
+    nonfinite_units: int | None = None
+    # The last step of the window these figures describe. It is the Snapshot's own step,
+    # except for a layer that did not run in this window: the Snapshot then carries its
+    # latest figures forward (so every layer seen so far is listed and exported) and rules
+    # do not count them again. See :attr:`stale`.
+    as_of_step: int = 0
+    hidden: bool = True  # False for the model's last layer in forward order (its output)
+
+    def stale(self, snapshot_step: int) -> bool:
+        """Whether these figures were carried from an earlier window (the layer did not run)."""
+        return self.as_of_step != snapshot_step
 
     def metrics(self) -> dict[str, float]:
         """Every numeric metric that applies to this layer, by its exported name.
@@ -155,9 +171,13 @@ class ParamStats:
 class NonFinite:
     """Where non-finite values first showed up: the step, and the layer when it was sampled."""
 
-    step: int
+    step: int  # the step of the first non-finite value
     source: str  # "activation", "gradient", "loss" or "grad_norm"
-    layer: str | None = None
+    layer: str | None = None  # the first offending layer in forward order, once known
+    # The step whose sampled statistics named ``layer``: ``step`` itself when that step was
+    # sampled, later when the value showed first in the loss or gradient norm of an unsampled
+    # step and sampling every step found the layer (``escalate_on_nonfinite``).
+    confirmed_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -185,11 +205,21 @@ class Snapshot:
     # With a GradScaler: the window's steps it skipped (overflowed gradients), and their share.
     amp_skipped_steps: int | None = None
     amp_skip_fraction: float | None = None
+    # First parameterised layer's gradient norm over the last one's (forward order), from the
+    # layers measured in this window; vanishing gradients read as a tiny ratio.
+    grad_norm_depth_ratio: float | None = None
+    # Steps of the window whose loss / total gradient norm was NaN or +-Inf (sentinel values).
+    nonfinite_loss_steps: int = 0
+    nonfinite_grad_norm_steps: int = 0
+
+    def fresh_layers(self) -> dict[str, LayerStats]:
+        """The layers measured in this window (without figures carried from earlier ones)."""
+        return {n: s for n, s in self.layers.items() if not s.stale(self.step)}
 
     @property
     def nonfinite_count(self) -> int:
         """NaN/Inf values seen in the window's activations and output gradients."""
-        return sum(layer.nonfinite_count for layer in self.layers.values())
+        return sum(layer.nonfinite_count for layer in self.fresh_layers().values())
 
     def run_metrics(self) -> dict[str, float]:
         """Run-level metrics of the window that have a value."""
@@ -210,12 +240,15 @@ def build_snapshot(
     ``layers`` is indexed like the data; ``order`` is the display order of the Snapshot's layers.
     """
     layer_stats: dict[str, LayerStats] = {}
-    for i in order if order is not None else range(len(layers)):
+    indices = list(order if order is not None else range(len(layers)))
+    output_layer = indices[-1] if indices else None
+    for i in indices:
         info = layers[i]
         if data.host.calls[i] == 0:
             continue
         with np.errstate(invalid="ignore", over="ignore"):  # Inf - Inf: NaN std, as torch
-            layer_stats[info.name] = _layer_stats(i, info, data, config, unit_offsets.get(i))
+            stats_i = _layer_stats(i, info, data, config, unit_offsets.get(i))
+        layer_stats[info.name] = replace(stats_i, hidden=i != output_layer)
     _add_param_norms(layer_stats, layers, params, data)
     losses, totals = data.sentinel[:, 0], data.sentinel[:, 1]
     loss_given = _flags(data.host.loss_given, len(losses))
@@ -243,7 +276,19 @@ def build_snapshot(
         amp_skip_fraction=sum(data.host.amp_skipped) / len(data.host.amp_skipped)
         if data.host.amp_skipped
         else None,
+        grad_norm_depth_ratio=_depth_ratio(layer_stats),
+        nonfinite_loss_steps=int(np.count_nonzero(~np.isfinite(loss_values))),
+        nonfinite_grad_norm_steps=int(np.count_nonzero(~np.isfinite(seen_totals))),
     )
+
+
+def _depth_ratio(layer_stats: dict[str, LayerStats]) -> float | None:
+    """First over last parameter-gradient norm in forward order (None below two layers, or
+    when the last is 0; NaN when either is NaN)."""
+    norms = [g for s in layer_stats.values() if (g := s.grad_norm) is not None]
+    if len(norms) < 2 or norms[-1] == 0:
+        return None
+    return norms[0] / norms[-1]
 
 
 def _flags(flags: list[bool], n: int) -> np.ndarray:
@@ -276,18 +321,28 @@ def _layer_stats(
         hc = config.histogram
         edges, counts = histogram.symlog_view(raw, hc.min_exp, hc.max_exp, hc.bins_per_octave)
         qs = histogram.quantiles(
-            histogram.full_edges(), histogram.full_counts(raw), config.quantiles, vmin, vmax
+            histogram.full_edges(),
+            histogram.full_counts(raw),
+            config.quantiles,
+            vmin,
+            vmax,
+            zero_bins=True,
         )
     dead_units = dead_fraction = dead_batch = dormant = None
     units = info.units
+    nonfinite_units = None
     if units_slice is not None and host.steps_with_data[i] > 0:
         offset, units = units_slice
-        never_active = int(np.count_nonzero(data.unit_max[offset : offset + units] <= 0))
+        unit_max = data.unit_max[offset : offset + units]
+        never_active = int(np.count_nonzero(unit_max <= 0))
+        nonfinite_units = int(np.count_nonzero(np.isnan(unit_max)))
+        finite = units - nonfinite_units
+        share = never_active / finite if finite else math.nan  # NaN units: neither dead nor alive
         batch = float(data.batch_dead[i]) / (units * host.steps_with_data[i])
         if kind in DORMANT_KINDS:
-            dormant = never_active / units
+            dormant = share
         else:
-            dead_units, dead_fraction, dead_batch = never_active, never_active / units, batch
+            dead_units, dead_fraction, dead_batch = never_active, share, batch
     rows = int(host.softmax_rows[i])
     grad_steps = int(host.grad_steps[i])
     grad_edges = grad_counts = None
@@ -330,6 +385,8 @@ def _layer_stats(
         output_grad_inf_count=int(grad_nonfinite - grad_nan),
         output_grad_hist_edges=grad_edges,
         output_grad_hist_counts=grad_counts,
+        nonfinite_units=nonfinite_units,
+        as_of_step=data.last_step,
     )
 
 
@@ -383,6 +440,10 @@ def _add_param_norms(
 
 
 def _ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator; NaN when either is NaN (a NaN weight has no update ratio,
+    least of all 0), Inf for a change of an all-zero weight."""
+    if math.isnan(numerator) or math.isnan(denominator):
+        return math.nan
     return numerator / denominator if denominator > 0 else math.inf if numerator > 0 else 0.0
 
 
@@ -394,7 +455,7 @@ def _first_nonfinite(
     for step, call_layers, counts in data.call_nonfinite:
         hits = np.nonzero(counts > 0)[0]
         if hits.size:
-            first = NonFinite(step, "activation", layers[call_layers[int(hits[0])]].name)
+            first = NonFinite(step, "activation", layers[call_layers[int(hits[0])]].name, step)
             break
     for position in range(data.sentinel.shape[0]):
         step = data.first_step + position

@@ -152,6 +152,10 @@ EXPORTED = {
     "actmon_internal_errors_total",
     "actmon_alerts_total",
     "actmon_alert_active",
+    "actmon_nonfinite_units",
+    "actmon_layer_step",
+    "actmon_layer_info",
+    "actmon_grad_norm_depth_ratio",
 }
 
 

@@ -117,7 +117,9 @@ def test_direct_window_rows_equal_the_slot_row_path(monkeypatch):
                 _same(getattr(layer, f.name), getattr(s.layers[name], f.name), f"{name}.{f.name}")
     last = direct[-1]
     # The injected layer is the first non-finite one, found in the mixed step's call order.
-    assert last.first_nonfinite == actmon.NonFinite(step=9, source="activation", layer="5")
+    assert last.first_nonfinite == actmon.NonFinite(
+        step=9, source="activation", layer="5", confirmed_step=9
+    )
     assert last.layers["1"].dead_units == 6
     assert last.layers["7"].softmax_entropy is not None
 

@@ -248,7 +248,7 @@ def test_first_nonfinite_is_the_earliest_layer_over_every_rank(ranks):
     for result in scenario(ranks, "nonfinite"):
         snap = result["snapshot"]
         # Rank 0's first offender is "2" (its Scale turned NaN), rank 1's is "0" (a NaN input).
-        assert snap.first_nonfinite == actmon.NonFinite(2, "activation", "0")
+        assert snap.first_nonfinite == actmon.NonFinite(2, "activation", "0", 2)
         assert snap.layers["0"].nan_count == 4  # rank 1's NaN row
         assert snap.layers["2"].nan_count == 3 * 4 + 4  # all of rank 0's batch, rank 1's row
 

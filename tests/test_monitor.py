@@ -95,22 +95,63 @@ def test_sampling_takes_stats_on_every_nth_step():
     monitor = actmon.watch(model, log_every=10, sample_every=4)
     snaps = train(model, monitor, 20)
     monitor.close()
+    # The schedule restarts with each window: its first step, then every 4th step of it.
     assert snaps[0].sampled_steps == (1, 5, 9)
-    assert snaps[1].sampled_steps == (13, 17)
-    assert snaps[1].layers["1"].calls == 2
+    assert snaps[1].sampled_steps == (11, 15, 19)
+    assert snaps[1].layers["1"].calls == 3
     assert len(snaps[0].losses) == 10  # the loss is recorded on every step regardless
 
 
-def test_sampling_less_often_than_windows_keeps_run_level_values():
+def test_every_window_holds_every_layer_when_sampling_is_rarer_than_windows():
     model = mlp_with_dead_units()
     monitor = actmon.watch(model, optimizer=None, log_every=5, sample_every=10)
     snaps = train(model, monitor, 20)
     monitor.close()
-    assert [s.sampled_steps for s in snaps] == [(1,), (), (11,), ()]
-    assert snaps[1].layers == {}
-    assert snaps[1].loss is not None
-    assert snaps[1].grad_norm_total is not None
-    assert snaps[2].layers["1"].calls == 1
+    assert [s.sampled_steps for s in snaps] == [(1,), (6,), (11,), (16,)]
+    names = [name for name, _ in model.named_modules() if name]
+    for snap in snaps:
+        assert list(snap.layers) == names
+        assert all(
+            layer.calls == 1 and layer.as_of_step == snap.step for layer in snap.layers.values()
+        )
+        assert snap.loss is not None and snap.grad_norm_total is not None
+
+
+def test_an_early_flush_starts_a_new_window_on_a_sampled_step():
+    model = mlp_with_dead_units()
+    monitor = actmon.watch(model, optimizer=None, log_every=10, sample_every=10)
+    first = train(model, monitor, 3)
+    assert first == []
+    early = monitor.flush()
+    assert early is not None and early.sampled_steps == (1,)
+    snaps = train(model, monitor, 10)
+    monitor.close()
+    assert snaps[0].window == (4, 13) and snaps[0].sampled_steps == (4,)
+
+
+def test_a_layer_that_did_not_run_is_carried_with_the_step_it_describes():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(20, 4)
+            self.b = nn.Linear(4, 2)
+            self.use_b = True
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            return self.b(h) if self.use_b else h[:, :2]
+
+    model = Branchy()
+    monitor = actmon.watch(model, optimizer=None, log_every=2, sample_every=1)
+    first = train(model, monitor, 2)[0]
+    model.use_b = False
+    second = train(model, monitor, 2)[0]
+    monitor.close()
+    assert list(second.layers) == ["a", "b"]
+    assert second.layers["a"].as_of_step == 4 and not second.layers["a"].stale(4)
+    assert second.layers["b"] == first.layers["b"] and second.layers["b"].stale(4)
+    assert second.layers["b"].as_of_step == 2
+    assert set(second.fresh_layers()) == {"a"}
 
 
 class NaNAt(nn.Module):
@@ -138,7 +179,9 @@ def test_first_nonfinite_offender_and_exact_counts():
     snaps = train(model, monitor, 7)
     monitor.close()
     snap = snaps[0]
-    assert snap.first_nonfinite == actmon.NonFinite(step=7, source="activation", layer="2")
+    assert snap.first_nonfinite == actmon.NonFinite(
+        step=7, source="activation", layer="2", confirmed_step=7
+    )
     injected = snap.layers["2"]
     assert (injected.nan_count, injected.posinf_count, injected.neginf_count) == (3, 2, 1)
     assert snap.layers["1"].nan_count == 0  # upstream of the offender, still clean at step 7
@@ -152,12 +195,59 @@ def test_sentinel_catches_a_nonfinite_loss_on_an_unsampled_step_then_escalates()
     def poison(step, loss):
         return loss * float("nan") if step == 3 else loss
 
-    snaps = train(model, monitor, 20, loss_hook=poison)
+    snaps = train(model, monitor, 30, loss_hook=poison)
     monitor.close()
     assert snaps[0].first_nonfinite == actmon.NonFinite(step=3, source="loss", layer=None)
     assert math.isnan(snaps[0].losses[2])
     assert snaps[0].sampled_steps == (1, 6)  # 1, 6, 11, ... until the escalation
     assert snaps[1].sampled_steps == tuple(range(11, 21))  # escalated to every step
+    # The loss turned finite again before any layer was named: back to the schedule.
+    assert snaps[1].first_nonfinite is None
+    assert snaps[2].sampled_steps == (21, 26)
+    assert monitor.first_nonfinite == actmon.NonFinite(step=3, source="loss", layer=None)
+
+
+def test_escalation_names_the_layer_everywhere_and_logs_once_each_way(caplog, tmp_path):
+    """A NaN weight update at an unsampled step: the loss shows it first; the next sampled
+    step names the first offending layer, and the alert, Snapshot and store say so."""
+    model = mlp_with_dead_units()
+    store = tmp_path / "nan.db"
+    monitor = actmon.watch(
+        model,
+        run_name="nan",
+        log_every=10,
+        sample_every=10,
+        sinks={"store": {"path": str(store)}},
+    )
+
+    def poison(step, loss):
+        if step == 4:  # after step 4's update every weight of layer 0 is NaN
+            with torch.no_grad():
+                model[0].weight.fill_(float("nan"))
+        return loss
+
+    with caplog.at_level(logging.WARNING, logger="actmon"):
+        snaps = train(model, monitor, 40, loss_hook=poison)
+    monitor.close()
+    first = actmon.NonFinite(step=5, source="loss", layer="0", confirmed_step=11)
+    assert snaps[0].first_nonfinite == actmon.NonFinite(step=5, source="loss", layer=None)
+    assert snaps[1].first_nonfinite == first
+    assert monitor.first_nonfinite == first
+    assert snaps[1].sampled_steps == (11, 12, 13, 14, 15, 16, 17, 18, 19, 20)
+    assert snaps[2].sampled_steps == (21,)  # attributed: the schedule is back
+    nonfinite = [a for a in monitor.alerts if a.rule == "nonfinite"]
+    assert [(a.layer, a.first_seen, a.step, a.state) for a in nonfinite] == [
+        (None, 5, 5, "firing"),
+        ("0", 5, 11, "firing"),
+    ]
+    assert monitor.active_alerts[("nonfinite", "0")] == nonfinite[1]
+    assert ("nonfinite", None) not in monitor.active_alerts
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("sampling every step" in m for m in messages) == 1
+    assert sum("the first non-finite layer is '0'" in m for m in messages) == 1
+    with actmon.store.open(store) as db:
+        stored = [(a.layer, a.first_seen, a.step) for a in db.alerts() if a.rule == "nonfinite"]
+    assert stored == [(None, 5, 5), ("0", 5, 11)]
 
 
 class SharedReLU(nn.Module):
@@ -428,3 +518,73 @@ def test_gradient_accumulation_with_an_optimizer_is_one_step_over_all_micro_batc
     assert relu.dead_units == ref["dead_units"]
     got = snap.params["2.weight"].grad_norm  # taken once, on the accumulated gradient
     assert got == pytest.approx(math.sqrt(np.mean(np.square(accumulated))), rel=1e-6)
+
+
+def test_after_a_fault_nan_figures_are_unknown_not_zero():
+    """All-NaN ReLU outputs and NaN weights: no dead fraction of 0, no update ratio of 0, and
+    so no update_ratio_low ("the learning rate is too low") on NaN weights."""
+    model = mlp_with_dead_units()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = actmon.watch(model, optimizer=opt, log_every=10, sample_every=1)
+
+    def poison(step, loss):
+        if step == 5:
+            with torch.no_grad():
+                model[0].weight.fill_(float("nan"))
+        return loss
+
+    snaps = train(model, monitor, 220, opt=opt, loss_hook=poison)
+    monitor.close()
+    relu = snaps[-1].layers["1"]
+    assert relu.nan_count == relu.count  # every output NaN
+    assert relu.nonfinite_units == 32
+    assert math.isnan(relu.dead_fraction)
+    assert math.isnan(snaps[-1].layers["0"].update_ratio)
+    fired = {a.rule for a in monitor.alerts}
+    assert "update_ratio_low" not in fired
+    assert not {"dead_units", "dead_units_critical", "dead_units_concerning"} & fired
+    assert "nonfinite" in fired
+
+
+def test_dead_fraction_leaves_out_units_that_output_nan():
+    model = mlp_with_dead_units(dead=5)
+    monitor = actmon.watch(model, optimizer=None, log_every=1, sample_every=1)
+    with torch.no_grad():
+        model[0].weight[30:].fill_(float("nan"))  # units 30 and 31 output NaN
+    x = torch.randn(16, 20)
+    model(x).sum().backward()
+    snap = monitor.step()
+    monitor.close()
+    relu = snap.layers["1"]
+    expected_dead = int((torch.relu(model[0](x))[:, :30] <= 0).all(dim=0).sum())
+    assert relu.nonfinite_units == 2
+    assert relu.dead_units == expected_dead
+    assert relu.dead_fraction == expected_dead / 30
+
+
+def test_every_bad_loss_is_counted_and_windows_keep_their_boundaries(caplog):
+    model = mlp_with_dead_units()
+    monitor = actmon.watch(model, optimizer=None, log_every=5, sample_every=5)
+    losses = iter(
+        [torch.ones(3), "bad", torch.ones(3), None, torch.tensor([]), 1.5, np.float32(2.0)]
+        + [torch.tensor(0.5)] * 3
+    )
+    snaps = []
+    with caplog.at_level(logging.WARNING, logger="actmon"):
+        for _ in range(10):
+            model(torch.randn(4, 20)).sum().backward()
+            snap = monitor.step(loss=next(losses))
+            if snap is not None:
+                snaps.append(snap)
+    monitor.close()
+    assert [s.window for s in snaps] == [(1, 5), (6, 10)]
+    # (3,) tensors: their mean; "bad" and the empty tensor: no loss for that step.
+    assert snaps[0].losses[0] == 1.0 and snaps[0].losses[2] == 1.0
+    assert math.isnan(snaps[0].losses[1]) and math.isnan(snaps[0].losses[3])
+    assert math.isnan(snaps[0].losses[4])
+    assert snaps[1].losses == (1.5, 2.0, 0.5, 0.5, 0.5)
+    assert monitor.errors == {"(step) loss": 4}
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("its mean is recorded" in m for m in messages) == 1
+    assert sum("got str 'bad'" in m for m in messages) == 1
+    assert sum("an empty tensor" in m for m in messages) == 1

@@ -159,7 +159,9 @@ def _digits(lr: float, steps: int, init_kaiming: bool = True, optimizer: str = "
 
 def test_healthy_digits_mlp_fires_nothing():
     monitor = _digits(lr=1e-3, steps=300, optimizer="adam")
-    assert monitor.alerts == []
+    # Nothing to act on; a layer in the 10-30% "concerning" dead band is an info record.
+    assert [a for a in monitor.alerts if a.severity != "info"] == []
+    assert {a.rule for a in monitor.alerts} <= {"dead_units_concerning"}
 
 
 def test_healthy_conv_net_and_gpt2_fire_nothing():

@@ -10,6 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from actmon.cli import main
+from actmon.rules import DEFAULT_RULES
 from tests.helpers import require
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,99 +39,151 @@ def _export(tmp_path: Path) -> tuple[Path, dict, str]:
 def test_export_is_valid_and_lists_what_it_skipped(tmp_path):
     promtool = require("promtool")
     path, doc, stderr = _export(tmp_path)
-    names = [r["alert"] for r in doc["groups"][0]["rules"]]
-    assert "actmon_dead_units" in names
-    assert "actmon_nonfinite" in names
-    dead = next(r for r in doc["groups"][0]["rules"] if r["alert"] == "actmon_dead_units")
+    rules = {r["alert"]: r for r in doc["groups"][0]["rules"]}
+    # Every rule of the default pack is exported; only the attach-time model checks are not.
+    assert set(rules) == {f"actmon_{rule.name}" for rule in DEFAULT_RULES}
+    assert stderr.splitlines() == [
+        f"skipped {name}: a model check at attach time, not a threshold on a metric"
+        for name in ("double_softmax", "saturating_hidden_stack", "init_mismatch")
+    ]
+    dead = rules["actmon_dead_units"]
     assert dead["expr"] == "actmon_dead_fraction > 0.3"
     assert dead["for"] == "100s"
     assert dead["labels"] == {"severity": "warning"}
-    assert "skipped vanishing_gradients: metric 'grad_norm_depth_ratio' is not exported" in stderr
-    assert "skipped double_softmax: a model check" in stderr
+    assert rules["actmon_saturation"]["expr"] == (
+        'actmon_saturation_fraction > 0.5 and on(run, layer) actmon_layer_info{hidden="true"}'
+    )
+    assert rules["actmon_vanishing_gradients"]["expr"] == (
+        "(actmon_grad_norm_depth_ratio) < 0.0001"
+    )
+    # Run-level expressions drop the layer label: their descriptions do not name it.
+    for name, rule in rules.items():
+        run_level = rule["expr"].startswith("(")
+        assert ("$labels.layer" in rule["annotations"]["description"]) is not run_level, name
     check = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "SUCCESS" in check.stdout
 
 
-def test_promtool_unit_tests_fire_the_exported_rules(tmp_path):
+def _alert(labels: dict[str, str], description: str, rules: dict, name: str) -> dict:
+    annotations = dict(rules[name]["annotations"])
+    annotations["description"] = description
+    return {"exp_labels": labels, "exp_annotations": annotations}
+
+
+def test_promtool_unit_tests_fire_every_exported_rule(tmp_path):
+    """Each exported rule fires on the series that should fire it, not before its ``for:``,
+    and not on the series that should not (the output layer, a NaN ratio)."""
     promtool = require("promtool")
     path, doc, _ = _export(tmp_path)
     rules = {r["alert"]: r for r in doc["groups"][0]["rules"]}
 
-    def annotations(name: str, run: str, layer: str) -> dict[str, str]:
-        out = dict(rules[name]["annotations"])
-        out["description"] = (
-            out["description"]
-            .replace("{{ $labels.run }}", run)
-            .replace("{{ $labels.layer }}", layer)
-        )
-        return out
+    def layer(name: str, kind: str) -> dict[str, str]:
+        return {"run": "r", "layer": name, "kind": kind}
 
-    dead_labels = {"run": "r", "layer": "1", "kind": "relu"}
-    tests = {
+    def series(metric: str, labels: dict[str, str], values: str) -> dict[str, str]:
+        body = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        return {"series": f"{metric}{{{body}}}", "values": values}
+
+    def expect(name: str, at: str, alerts: list[tuple[dict[str, str], str]]) -> dict:
+        severity = rules[name]["labels"]["severity"]
+        return {
+            "eval_time": at,
+            "alertname": name,
+            "exp_alerts": [
+                _alert({**labels, "severity": severity}, text, rules, name)
+                for labels, text in alerts
+            ],
+        }
+
+    run = {"run": "r"}
+    l1, l2, l3 = layer("1", "relu"), layer("2", "relu"), layer("3", "relu")
+    hidden, out = layer("h", "sigmoid"), layer("out", "sigmoid")
+    attn, head = layer("attn.softmax#0", "softmax"), layer("head", "softmax")
+    w1, w2 = layer("w1", "linear"), layer("w2", "linear")
+    input_series = [
+        series("actmon_dead_fraction", l1, "0.2x20"),
+        series("actmon_dead_fraction", l2, "0.4x20"),
+        series("actmon_dead_fraction", l3, "0.6x20"),
+        series("actmon_saturation_fraction", hidden, "0.9x20"),
+        series("actmon_saturation_fraction", out, "0.9x20"),
+        series("actmon_layer_info", {**hidden, "hidden": "true"}, "1x400"),
+        series("actmon_layer_info", {**out, "hidden": "false"}, "1x400"),
+        series("actmon_softmax_max_prob", attn, "0.99x20"),
+        series("actmon_softmax_max_prob", head, "0.999x20"),
+        series("actmon_layer_info", {**attn, "hidden": "true"}, "1x400"),
+        series("actmon_layer_info", {**head, "hidden": "false"}, "1x400"),
+        # A NaN loss on an unsampled step: the layer="" series of the nonfinite counter.
+        series(
+            "actmon_nonfinite_total",
+            {**layer("", ""), "tensor": "loss", "value": "nonfinite"},
+            "0 0 0 1 1 1 1 1",
+        ),
+        series("actmon_first_nonfinite_step", {**run, "layer": "0", "source": "loss"}, "_x3 45x5"),
+        series("actmon_loss", run, "1x300 5x10"),
+        series("actmon_step", run, "0+20x400"),
+        series("actmon_amp_skip_fraction", run, "0.8x10"),
+        series("actmon_grad_norm_total", run, "1x300 500x10"),
+        series("actmon_grad_norm_depth_ratio", run, "0.00001x20"),
+        series("actmon_update_ratio", w1, "0.5x30"),
+        series("actmon_update_ratio", w2, "0.0000001x30"),
+        series("actmon_update_ratio", layer("w3", "linear"), " ".join(["NaN"] * 30)),  # NaN weights
+    ]
+
+    def on_layer(labels: dict[str, str], condition: str, value: str) -> tuple[dict, str]:
+        return labels, f"run r layer {labels['layer']}: {condition} (value {value})"
+
+    def on_run(condition: str, value: str) -> tuple[dict, str]:
+        return run, f"run r: {condition} (value {value})"
+
+    tests = [
+        expect("actmon_dead_units", "1m", []),  # for: 100s
+        expect(
+            "actmon_dead_units_concerning",
+            "3m",
+            [
+                on_layer(lab, "dead_fraction > 0.1", v)
+                for lab, v in ((l1, "0.2"), (l2, "0.4"), (l3, "0.6"))
+            ],
+        ),
+        expect(
+            "actmon_dead_units",
+            "3m",
+            [on_layer(lab, "dead_fraction > 0.3", v) for lab, v in ((l2, "0.4"), (l3, "0.6"))],
+        ),
+        expect("actmon_dead_units_critical", "3m", [on_layer(l3, "dead_fraction > 0.5", "0.6")]),
+        expect("actmon_saturation", "3m", [on_layer(hidden, "saturation_fraction > 0.5", "0.9")]),
+        expect(
+            "actmon_softmax_collapse", "3m", [on_layer(attn, "softmax_max_prob > 0.98", "0.99")]
+        ),
+        expect("actmon_nonfinite", "30s", []),
+        expect(
+            "actmon_nonfinite",
+            "1m",
+            [(run, "run r: NaN/Inf values first at step 45 in layer 0 (loss)")],
+        ),
+        expect("actmon_loss_divergence", "75m", []),
+        expect("actmon_loss_divergence", "77m", [on_run("loss_spike > 2", "5")]),
+        expect("actmon_amp_skips_persist", "30s", []),
+        expect("actmon_amp_skips_persist", "2m", [on_run("amp_skip_fraction > 0.5", "0.8")]),
+        expect("actmon_exploding_gradients", "60m", []),
+        expect("actmon_exploding_gradients", "76m", [on_run("grad_norm_spike > 100", "500")]),
+        expect(
+            "actmon_vanishing_gradients", "3m", [on_run("grad_norm_depth_ratio < 0.0001", "1e-05")]
+        ),
+        expect("actmon_update_ratio_high", "2m", [on_layer(w1, "update_ratio > 0.1", "0.5")]),
+        expect("actmon_update_ratio_low", "3m", []),  # for: 200s
+        expect("actmon_update_ratio_low", "5m", [on_layer(w2, "update_ratio < 1e-06", "1e-07")]),
+    ]
+    tested = {t["alertname"] for t in tests}
+    assert tested == set(rules)  # every exported rule has a unit test
+    spec = {
         "rule_files": [str(path)],
         "evaluation_interval": "15s",
-        "tests": [
-            {
-                "interval": "15s",
-                "input_series": [
-                    {
-                        "series": 'actmon_dead_fraction{run="r",layer="1",kind="relu"}',
-                        "values": "0.1 0.4x20",
-                    },
-                    {
-                        "series": 'actmon_nonfinite_total{run="r",layer="2",kind="other",'
-                        'tensor="activation",value="nan"}',
-                        "values": "0 0 0 5 5 5 5 5",
-                    },
-                    {"series": 'actmon_grad_norm_total{run="r"}', "values": "1x300 500x10"},
-                ],
-                "alert_rule_test": [
-                    {"eval_time": "1m", "alertname": "actmon_dead_units", "exp_alerts": []},
-                    {
-                        "eval_time": "3m",
-                        "alertname": "actmon_dead_units",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {**dead_labels, "severity": "warning"},
-                                "exp_annotations": annotations("actmon_dead_units", "r", "1"),
-                            }
-                        ],
-                    },
-                    {"eval_time": "30s", "alertname": "actmon_nonfinite", "exp_alerts": []},
-                    {
-                        "eval_time": "1m",
-                        "alertname": "actmon_nonfinite",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {"run": "r", "severity": "critical"},
-                                "exp_annotations": annotations("actmon_nonfinite", "r", ""),
-                            }
-                        ],
-                    },
-                    {
-                        "eval_time": "60m",
-                        "alertname": "actmon_exploding_gradients",
-                        "exp_alerts": [],
-                    },
-                    {
-                        "eval_time": "76m",
-                        "alertname": "actmon_exploding_gradients",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {"run": "r", "severity": "critical"},
-                                "exp_annotations": annotations(
-                                    "actmon_exploding_gradients", "r", ""
-                                ),
-                            }
-                        ],
-                    },
-                ],
-            }
-        ],
+        "tests": [{"interval": "15s", "input_series": input_series, "alert_rule_test": tests}],
     }
     test_file = tmp_path / "tests.yml"
-    test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
+    test_file.write_text(yaml.safe_dump(spec, sort_keys=False))
     result = subprocess.run(
         [promtool, "test", "rules", str(test_file)], capture_output=True, text=True
     )

@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from actmon.config import PrometheusSinkConfig
 from actmon.errors import ConfigError
 from actmon.rules import Alert
-from actmon.snapshot import LayerStats, Snapshot
+from actmon.snapshot import LayerStats, NonFinite, Snapshot
 
 log = logging.getLogger("actmon")
 
@@ -67,6 +67,16 @@ LAYER_GAUGES: dict[str, tuple[str, str]] = {
         "||delta w|| / ||w|| of a layer's parameters at the window's first sampled optimizer step.",
     ),
     "actmon_weight_norm": ("weight_norm", "L2 norm of a layer's parameters."),
+    "actmon_nonfinite_units": (
+        "nonfinite_units",
+        "Units of a layer whose output maximum over the window was NaN (dead and dormant"
+        " fractions are over the other units).",
+    ),
+    "actmon_layer_step": (
+        "as_of_step",
+        "Last step of the window a layer's figures describe (older than actmon_step when the"
+        " layer did not run in the latest window and its figures were carried).",
+    ),
 }
 
 
@@ -75,7 +85,7 @@ def _worst(layer: LayerStats) -> float:
     fractions = [
         v
         for v in (layer.dead_fraction, layer.dormant_fraction, layer.saturation_fraction)
-        if v is not None
+        if v is not None and not math.isnan(v)
     ]
     return (2.0 if layer.nonfinite_count else 0.0) + max(fractions, default=0.0)
 
@@ -107,6 +117,7 @@ class PrometheusSink:
         self._kinds: dict[str, str] = {}
         self._alerts_total: dict[tuple[str, str], float] = {}  # (rule, severity) -> firings
         self._alert_active: dict[tuple[str, str, str], float] = {}  # (rule, layer, severity)
+        self._first_nonfinite: NonFinite | None = None  # the run's, completed when confirmed
         self._said_bounded = False
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -165,7 +176,19 @@ class PrometheusSink:
     def write(self, snapshot: Snapshot) -> None:
         with self._lock:
             self._latest = snapshot
-            for layer in snapshot.layers.values():
+            first = snapshot.first_nonfinite
+            if first is not None and (
+                self._first_nonfinite is None
+                or (self._first_nonfinite.layer is None and first.layer is not None)
+            ):
+                self._first_nonfinite = first
+            for tensor, steps in (
+                ("loss", snapshot.nonfinite_loss_steps),
+                ("grad_norm", snapshot.nonfinite_grad_norm_steps),
+            ):  # run-level: steps whose loss / total gradient norm was NaN or Inf
+                key = ("", "", tensor, "nonfinite")
+                self._nonfinite[key] = self._nonfinite.get(key, 0.0) + steps
+            for layer in snapshot.fresh_layers().values():  # carried figures count once
                 self._kinds[layer.name] = layer.kind.value
                 for tensor, value, count in (
                     ("activation", "nan", layer.nan_count),
@@ -248,7 +271,10 @@ class PrometheusSink:
         labels = ["run", "layer", "kind"]
         out: list[Metric] = []
         own, rest = self._select_layers(list(snap.layers.values()))
-        rows = [(bounded(layer.name), layer.kind.value, layer.metrics()) for layer in own]
+        rows = [
+            (bounded(ls.name), ls.kind.value, {**ls.metrics(), "as_of_step": ls.as_of_step})
+            for ls in own
+        ]
         if rest:
             rows.append((OTHER, "mixed", _mean_metrics([layer.metrics() for layer in rest])))
         for name, (metric, help_text) in LAYER_GAUGES.items():
@@ -271,10 +297,25 @@ class PrometheusSink:
         nf = CounterMetricFamily(
             "actmon_nonfinite",
             "NaN and Inf values seen in a layer's outputs (activation) or"
-            " output gradients (gradient), over the run's sampled steps.",
+            ' output gradients (gradient), over the run\'s sampled steps; with layer="",'
+            ' steps whose loss (tensor="loss") or total gradient norm (tensor="grad_norm")'
+            " was NaN or Inf, over every step.",
             labels=[*labels, "tensor", "value"],
         )
-        exported = {layer.name for layer in own}
+        info = GaugeMetricFamily(
+            "actmon_layer_info",
+            "1 for every exported layer; hidden is false for the model's last layer in forward"
+            " order (its output), which rules on hidden layers leave out.",
+            labels=[*labels, "hidden"],
+        )
+        for stats in own:
+            info.add_metric(
+                [run, bounded(stats.name), stats.kind.value, str(stats.hidden).lower()], 1.0
+            )
+        if rest:
+            info.add_metric([run, OTHER, "mixed", "true"], 1.0)
+        out.append(info)
+        exported = {layer.name for layer in own} | {""}  # "": the loss and gradient norm
         other: dict[tuple[str, str], float] = {}
         for (layer, kind, tensor, which), count in sorted(nonfinite.items()):
             if layer in exported or not rest:
@@ -285,6 +326,16 @@ class PrometheusSink:
             nf.add_metric([run, OTHER, "mixed", tensor, which], count)
         out.append(nf)
         out.extend(self._run_families(snap))
+        first = self._first_nonfinite
+        if first is not None:
+            family = GaugeMetricFamily(
+                "actmon_first_nonfinite_step",
+                "Step of the run's first NaN/Inf value; layer is the first offending layer in"
+                " forward order once a sampled step has named it (empty before).",
+                labels=["run", "layer", "source"],
+            )
+            family.add_metric([run, bounded(first.layer or ""), first.source], first.step)
+            out.append(family)
         fired = CounterMetricFamily(
             "actmon_alerts",
             "Alerts fired, by rule and severity.",
@@ -327,6 +378,12 @@ class PrometheusSink:
                 "actmon_amp_skip_fraction",
                 snap.amp_skip_fraction,
                 "Share of the latest window's steps that the GradScaler skipped.",
+            ),
+            (
+                "actmon_grad_norm_depth_ratio",
+                snap.grad_norm_depth_ratio,
+                "First parameterised layer's gradient norm over the last one's (forward order);"
+                " vanishing gradients read as a tiny ratio.",
             ),
         ):
             family = GaugeMetricFamily(name, help_text, labels=["run"])
