@@ -114,7 +114,8 @@ def test_every_window_holds_every_layer_when_sampling_is_rarer_than_windows():
         assert all(
             layer.calls == 1 and layer.as_of_step == snap.step for layer in snap.layers.values()
         )
-        assert snap.loss is not None and snap.grad_norm_total is not None
+        assert snap.loss is not None
+        assert snap.grad_norm_total is not None
 
 
 def test_an_early_flush_starts_a_new_window_on_a_sampled_step():
@@ -123,10 +124,12 @@ def test_an_early_flush_starts_a_new_window_on_a_sampled_step():
     first = train(model, monitor, 3)
     assert first == []
     early = monitor.flush()
-    assert early is not None and early.sampled_steps == (1,)
+    assert early is not None
+    assert early.sampled_steps == (1,)
     snaps = train(model, monitor, 10)
     monitor.close()
-    assert snaps[0].window == (4, 13) and snaps[0].sampled_steps == (4,)
+    assert snaps[0].window == (4, 13)
+    assert snaps[0].sampled_steps == (4,)
 
 
 def test_a_layer_that_did_not_run_is_carried_with_the_step_it_describes():
@@ -148,8 +151,10 @@ def test_a_layer_that_did_not_run_is_carried_with_the_step_it_describes():
     second = train(model, monitor, 2)[0]
     monitor.close()
     assert list(second.layers) == ["a", "b"]
-    assert second.layers["a"].as_of_step == 4 and not second.layers["a"].stale(4)
-    assert second.layers["b"] == first.layers["b"] and second.layers["b"].stale(4)
+    assert second.layers["a"].as_of_step == 4
+    assert not second.layers["a"].stale(4)
+    assert second.layers["b"] == first.layers["b"]
+    assert second.layers["b"].stale(4)
     assert second.layers["b"].as_of_step == 2
     assert set(second.fresh_layers()) == {"a"}
 
@@ -579,8 +584,10 @@ def test_every_bad_loss_is_counted_and_windows_keep_their_boundaries(caplog):
     monitor.close()
     assert [s.window for s in snaps] == [(1, 5), (6, 10)]
     # (3,) tensors: their mean; "bad" and the empty tensor: no loss for that step.
-    assert snaps[0].losses[0] == 1.0 and snaps[0].losses[2] == 1.0
-    assert math.isnan(snaps[0].losses[1]) and math.isnan(snaps[0].losses[3])
+    assert snaps[0].losses[0] == 1.0
+    assert snaps[0].losses[2] == 1.0
+    assert math.isnan(snaps[0].losses[1])
+    assert math.isnan(snaps[0].losses[3])
     assert math.isnan(snaps[0].losses[4])
     assert snaps[1].losses == (1.5, 2.0, 0.5, 0.5, 0.5)
     assert monitor.errors == {"(step) loss": 4}
