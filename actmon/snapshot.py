@@ -145,6 +145,14 @@ class LayerStats:
         self.__dict__["_metrics"] = out  # frozen dataclass: cache beside the fields
         return out
 
+    def health_score(self) -> float:
+        """How unhealthy the layer looks, larger is worse: any NaN/Inf first (2 and up), then
+        its worst dead, dormant or saturated fraction (NaN fractions left out). Sinks rank
+        layers by it (console, the layers that keep their own Prometheus series)."""
+        fractions = (self.dead_fraction, self.dormant_fraction, self.saturation_fraction)
+        worst = max((v for v in fractions if v is not None and not math.isnan(v)), default=0.0)
+        return (2.0 if self.nonfinite_count else 0.0) + worst
+
     @property
     def nonfinite_count(self) -> int:
         return (
@@ -222,8 +230,11 @@ class Snapshot:
         return sum(layer.nonfinite_count for layer in self.fresh_layers().values())
 
     def run_metrics(self) -> dict[str, float]:
-        """Run-level metrics of the window that have a value."""
-        return {name: float(v) for name in RUN_METRICS if (v := getattr(self, name)) is not None}
+        """Run-level metrics of the window that have a value, and ``sampled_steps``: how many of
+        its steps the layer figures cover."""
+        out = {name: float(v) for name in RUN_METRICS if (v := getattr(self, name)) is not None}
+        out["sampled_steps"] = float(len(self.sampled_steps))
+        return out
 
 
 def build_snapshot(

@@ -59,3 +59,39 @@ def test_trainer_steps_are_optimizer_steps(tmp_path):
     assert snap.grad_norm_total > 0
     assert monitor.internal_errors_total == 0
     assert not any(m._forward_hooks for m in model.modules())  # closed at train end
+
+
+@pytest.mark.parametrize("accepts_loss_kwargs", [True, False])
+def test_every_optimizer_steps_loss_reaches_the_monitor_as_the_trainer_logs_it(
+    tmp_path, accepts_loss_kwargs
+):
+    """With gradient accumulation: the sum of the micro-batch shares when the model takes
+    num_items_in_batch, else their mean; equal to the Trainer's own logged loss per step."""
+    model = make_tiny_gpt2()
+    if not accepts_loss_kwargs:
+        model.accepts_loss_kwargs = False  # the Trainer then averages micro-batch losses
+    callback = ActmonCallback(log_every=3, sample_every=3, sinks={"store": {"enabled": False}})
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=6,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=Tokens(24), callbacks=[callback]
+    )
+    trainer.train()
+    monitor = callback.monitor
+    assert monitor is not None
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    recorded = [loss for snap in monitor.history for loss in snap.losses]
+    assert len(logged) == len(recorded) == 6
+    assert recorded == pytest.approx(logged, rel=1e-5)
+    assert all(snap.loss is not None for snap in monitor.history)
+    assert not model._forward_hooks  # the loss hook is removed at train end

@@ -26,7 +26,7 @@ def _health(layer: LayerStats) -> str:
         (
             v
             for v in (layer.dead_fraction, layer.dormant_fraction, layer.saturation_fraction)
-            if v is not None
+            if v is not None and not math.isnan(v)
         ),
         default=None,
     )
@@ -37,13 +37,6 @@ def _health(layer: LayerStats) -> str:
         return text
     colour = "red" if worst > 0.5 else "yellow" if worst > 0.1 else "green"
     return f"[{colour}]{text}[/]"
-
-
-def _score(layer: LayerStats) -> float:
-    fractions = (layer.dead_fraction, layer.dormant_fraction, layer.saturation_fraction)
-    return (2.0 if layer.nonfinite_count else 0.0) + max(
-        (v for v in fractions if v is not None), default=0.0
-    )
 
 
 def render_table(snapshot: Snapshot, worst: int | None = None) -> Table:
@@ -73,10 +66,13 @@ def render_table(snapshot: Snapshot, worst: int | None = None) -> Table:
         table.add_column(column, justify="left" if column in ("layer", "kind") else "right")
     layers = list(snapshot.layers.values())
     if worst is not None:
-        layers = sorted(layers, key=_score, reverse=True)[:worst]
+        layers = sorted(layers, key=LayerStats.health_score, reverse=True)[:worst]
+    else:  # forward order, with the layers holding NaN/Inf first
+        layers = sorted(layers, key=lambda layer: layer.nonfinite_count == 0)
     for layer in layers:
+        stale = layer.stale(snapshot.step)  # did not run in this window: its latest figures
         table.add_row(
-            layer.name,
+            escape(layer.name) + (f" [dim](step {layer.as_of_step})[/]" if stale else ""),
             layer.kind.value,
             str(layer.units or "-"),
             str(layer.calls),

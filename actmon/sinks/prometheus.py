@@ -82,12 +82,7 @@ LAYER_GAUGES: dict[str, tuple[str, str]] = {
 
 def _worst(layer: LayerStats) -> float:
     """Health score used to choose which layers keep their own series: worse is larger."""
-    fractions = [
-        v
-        for v in (layer.dead_fraction, layer.dormant_fraction, layer.saturation_fraction)
-        if v is not None and not math.isnan(v)
-    ]
-    return (2.0 if layer.nonfinite_count else 0.0) + max(fractions, default=0.0)
+    return layer.health_score()
 
 
 class _SnapshotCollector(Collector):

@@ -95,12 +95,13 @@ class StoreSink:
         db = self._connect()
         step = snapshot.step
         rows = [(self.run, step, "", name, value) for name, value in snapshot.run_metrics().items()]
-        for layer in snapshot.layers.values():
+        fresh = snapshot.fresh_layers().values()  # carried layers were written in their window
+        for layer in fresh:
             rows.extend(
                 (self.run, step, layer.name, name, value) for name, value in layer.metrics().items()
             )
         hists = []
-        for layer in snapshot.layers.values():
+        for layer in fresh:
             counts = np.asarray(layer.hist_counts, np.float64)
             used = np.nonzero(counts)[0]
             first, last = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)

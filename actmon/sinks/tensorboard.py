@@ -31,7 +31,9 @@ class TensorBoardSink:
         writer = self._writer
         for name, value in snapshot.run_metrics().items():
             writer.add_scalar(f"actmon/{name}", value, step)
-        for layer in snapshot.layers.values():
+        # Layers measured in this window; one that did not run keeps its points at the step of
+        # the window that measured it (actmon/sampled_steps says how many steps each covers).
+        for layer in snapshot.fresh_layers().values():
             for name, value in layer.metrics().items():
                 writer.add_scalar(f"actmon/{name}/{layer.name}", value, step)
             if self.histograms:
