@@ -291,3 +291,50 @@ def test_init_mismatch():
     assert init[0].value == pytest.approx(
         float(model[0].weight.detach().std()) / (2 / 64) ** 0.5, rel=1e-6
     )
+
+
+def test_a_confident_classifier_fires_nothing():
+    """An output softmax near one-hot is a classifier doing its job, not a collapse."""
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 4.0, 0]])
+    y = torch.randint(0, 3, (512,), generator=gen)
+    x = centres[y] + 0.3 * torch.randn(512, 4, generator=gen)
+    model = nn.Sequential(nn.Linear(4, 16), nn.GELU(), nn.Linear(16, 3), nn.Softmax(dim=-1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    # checks=False: the attach-time double_softmax check warns about a final Softmax layer
+    # (log_softmax is the stabler form); this test is about the window rules.
+    with actmon.watch(model, optimizer=opt, sinks=NO_STORE, checks=False) as monitor:
+        for step in range(300):
+            batch = slice((step * 32) % 512, (step * 32) % 512 + 32)
+            probs = model(x[batch])
+            loss = nn.functional.nll_loss(torch.log(probs + 1e-9), y[batch])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            monitor.step(loss=loss)
+    assert monitor.snapshot().layers["3"].softmax_max_prob > 0.98  # confident: near one-hot
+    assert (model(x).argmax(dim=1) == y).float().mean() == 1.0
+    assert monitor.alerts == []
+
+
+def test_a_steadily_rising_loss_fires_loss_divergence():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with actmon.watch(model, sinks=NO_STORE) as monitor:
+        for step in range(400):
+            model(torch.randn(2, 4)).sum().backward()
+            monitor.step(loss=1.0 * 1.005**step)  # +0.5% a step, never NaN
+    fired = [(a.rule, a.severity, a.state) for a in monitor.alerts]
+    assert ("loss_divergence", "critical", "firing") in fired
+    first = next(a for a in monitor.alerts if a.rule == "loss_divergence")
+    assert first.value > 2.0
+    assert first.step - first.first_seen + 1 >= 60  # held for three windows
+
+
+def test_a_noisy_flat_loss_does_not_fire_loss_divergence():
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4))
+    with actmon.watch(model, sinks=NO_STORE) as monitor:
+        for _ in range(400):
+            model(torch.randn(2, 4)).sum().backward()
+            monitor.step(loss=float(1.0 + 0.5 * torch.rand(1, generator=gen)))
+    assert [a.rule for a in monitor.alerts] == []

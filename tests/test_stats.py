@@ -228,3 +228,34 @@ def test_quantiles_within_one_bin():
     for q, value in qs.items():
         true = float(torch.quantile(x.double(), q))
         assert math.isclose(value, true, rel_tol=0.25, abs_tol=1e-6), (q, value, true)
+
+
+def _raw_bin(value: float) -> int:
+    """The raw bit-pattern bin of a float32 value (sign, exponent, 2 mantissa bits)."""
+    return int(np.array([value], np.float32).view(np.int32)[0]) >> 21
+
+
+def test_relu_quantiles_in_the_zero_bin_read_zero_and_the_rest_within_one_bin():
+    """ReLU outputs: quantiles at the zeros read 0.0 exactly (not a denormal such as 2.5e-39),
+    the others fall in the same bin as torch.quantile's."""
+    import actmon
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU())
+    monitor = actmon.watch(model, log_every=1, sample_every=1, sinks={"store": {"enabled": False}})
+    x = torch.randn(256, 16)
+    out = model(x)
+    out.sum().backward()
+    snap = monitor.step()
+    monitor.close()
+    relu = out.detach().flatten().double()
+    assert 0.25 < float((relu == 0).double().mean()) < 0.75  # zeros hold the lower quantiles
+    got = snap.layers["1"].quantiles
+    for q, value in got.items():
+        true = float(torch.quantile(relu, q))
+        if true == 0.0:
+            assert value == 0.0, (q, value)
+        else:
+            assert _raw_bin(value) == _raw_bin(true), (q, value, true)
+    assert got[0.25] == 0.0
+    assert got[0.99] > 0
