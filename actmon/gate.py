@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
 
-from actmon.store import RunStore
+from actmon.store import RunStore, first_nonfinite
 
 # Gate metric -> the store's metric name.
 GATED = {"dead": "dead_fraction", "saturated": "saturation_fraction"}
@@ -104,12 +104,18 @@ def _nonfinite_check(db: RunStore) -> Check:
                 total += value
                 if first_step is None or step < first_step:
                     first_step, first_layer = step, layer
-    for alert in db.alerts():
-        if alert.rule == "nonfinite" and alert.state == "firing":
-            total = max(total, 1.0)
-            if first_step is None or alert.step <= first_step:
-                first_step, first_layer = alert.step, alert.layer
-    detail = f"first in layer {first_layer!r} at step {first_step}" if total else ""
+    confirmed = None
+    alerted = first_nonfinite(db.alerts())
+    if alerted is not None:
+        total = max(total, 1.0)
+        if first_step is None or alerted.step <= first_step:
+            first_step, first_layer, confirmed = alerted.step, alerted.layer, alerted.confirmed_step
+    detail = ""
+    if total:
+        where = f"in layer {first_layer!r}" if first_layer else "in no sampled layer"
+        detail = f"first non-finite at step {first_step}, {where}"
+        if confirmed is not None and confirmed != first_step:
+            detail += f" (layer found at step {confirmed})"
     return Check(
         "nonfinite", first_layer, "nonfinite_count", total, 0.0, first_step, total == 0, detail
     )

@@ -283,6 +283,31 @@ def _alert_from_row(row: Any) -> StoredAlert:
     )
 
 
+@dataclass(frozen=True)
+class FirstNonFinite:
+    """The run's first NaN/Inf, as its ``nonfinite`` alert events tell it."""
+
+    step: int  # the step of the first non-finite value
+    layer: str | None  # the first offending layer in forward order, once named
+    confirmed_step: int | None  # the step whose sampled statistics named the layer
+
+
+def first_nonfinite(alerts: list[StoredAlert]) -> FirstNonFinite | None:
+    """From a run's alert events: the ``nonfinite`` alert fires at the first NaN/Inf (with its
+    layer when that step was sampled), and is re-issued naming the layer when sampling every
+    step finds it later; ``first_seen`` is the first non-finite step in both."""
+    first: FirstNonFinite | None = None
+    for alert in alerts:
+        if alert.rule != "nonfinite" or alert.state != "firing":
+            continue
+        if first is None or alert.first_seen < first.step:
+            confirmed = alert.step if alert.layer is not None else None
+            first = FirstNonFinite(alert.first_seen, alert.layer, confirmed)
+        elif alert.first_seen == first.step and first.layer is None and alert.layer is not None:
+            first = FirstNonFinite(first.step, alert.layer, alert.step)
+    return first
+
+
 def open(path: str | os.PathLike[str]) -> RunStore:
     """Open a run store for reading (``actmon.store.open("runs/x/actmon.db")``)."""
     return RunStore(path)

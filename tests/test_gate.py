@@ -95,7 +95,7 @@ def test_gate_fails_a_nan_run_naming_the_layer(tmp_path):
     result = _gate("--store", store, "--max-dead", "1")
     assert result.exit_code == 1, result.output
     assert "FAIL nonfinite_count layer '2'" in result.output
-    assert "first in layer '2' at step 12" in result.output
+    assert "first non-finite at step 12, in layer '2'" in result.output
     assert (
         _gate(
             "--store", store, "--max-dead", "1", "--max-saturated", "1", "--allow-nonfinite"

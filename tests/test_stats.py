@@ -238,8 +238,9 @@ def _raw_bin(value: float) -> int:
 def test_relu_quantiles_in_the_zero_bin_read_zero_and_the_rest_within_one_bin():
     """ReLU outputs: quantiles at the zeros read 0.0 exactly (not a denormal such as 2.5e-39),
     the others fall in the same bin as torch.quantile's."""
-    import actmon
     from torch import nn
+
+    import actmon
 
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU())
     monitor = actmon.watch(model, log_every=1, sample_every=1, sinks={"store": {"enabled": False}})

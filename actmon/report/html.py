@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt
 import numpy as np
 
-from actmon.store import RunStore
+from actmon.store import RunStore, StoredAlert, first_nonfinite
 
 MAX_HEATMAPS = 12  # layers with a histogram heatmap (the least healthy first)
 
@@ -123,6 +123,23 @@ def _worst(db: RunStore, run: str) -> list[tuple[str, str, float]]:
     return sorted(rows, key=lambda r: r[2], reverse=True)[:10]
 
 
+def _nonfinite_row(alerts: list[StoredAlert]) -> str:
+    """The run summary's row for the first NaN/Inf (empty when the run had none)."""
+    first = first_nonfinite(alerts)
+    if first is None:
+        return ""
+    where = f"in layer {html.escape(first.layer)}" if first.layer else "in no sampled layer"
+    found = (
+        f" (layer found at step {first.confirmed_step})"
+        if first.confirmed_step is not None and first.confirmed_step != first.step
+        else ""
+    )
+    return (
+        f"<tr><th>first NaN/Inf</th><td class='critical'>step {first.step}, {where}{found}"
+        "</td></tr>"
+    )
+
+
 def write_report(store_path: str | Path, out: str | Path, run: str | None = None) -> Path:
     """Write the HTML report of one run of ``store_path`` to ``out``; returns the path."""
     with RunStore(store_path) as db:
@@ -133,19 +150,24 @@ def write_report(store_path: str | Path, out: str | Path, run: str | None = None
         order = [str(layer["name"]) for layer in info.layers]
         parts = [f"<h1>actmon report: {html.escape(name)}</h1>"]
         last = windows[-1].step if windows else 0
-        firing = [a for a in alerts if a.state == "firing"]
+        # Info records (the 10-30% dead band) are for the record: not alerts to act on.
+        firing = [a for a in alerts if a.state == "firing" and a.severity != "info"]
+        records = sum(1 for a in alerts if a.state == "firing" and a.severity == "info")
+        noted = f" ({records} info record{'s' if records != 1 else ''})" if records else ""
         verdict = (
-            "<span class='ok'>no alerts</span>"
+            f"<span class='ok'>no alerts</span>{noted}"
             if not firing
-            else f"<span class='critical'>{len(firing)} alert(s) fired</span>"
+            else f"<span class='critical'>{len(firing)} alert(s) fired</span>{noted}"
         )
         parts.append(
             f"<h2>Run summary</h2><table><tr><th>status</th><td>{html.escape(info.status)}</td>"
             f"</tr><tr><th>steps</th><td>{last}</td></tr><tr><th>windows</th>"
             f"<td>{len(windows)}</td></tr><tr><th>layers</th><td>{len(order)}</td></tr>"
-            f"<tr><th>health</th><td>{verdict}</td></tr></table>"
+            f"<tr><th>health</th><td>{verdict}</td></tr>{_nonfinite_row(alerts)}</table>"
         )
         parts.append("<h2>Alert timeline</h2>")
+        if not firing:
+            parts.append(f"<p class='ok'>No alert fired.{noted}</p>")
         if alerts:
             rows = "".join(
                 f"<tr><td>{a.step}</td><td class='{a.severity}'>{a.severity}</td>"
@@ -170,8 +192,6 @@ def write_report(store_path: str | Path, out: str | Path, run: str | None = None
             ax.set_xlabel("step")
             ax.set_title("alerts: v fired, ^ resolved")
             parts.append(_img(fig, "alert timeline"))
-        else:
-            parts.append("<p class='ok'>No alert fired.</p>")
         parts.append("<h2>Layer health over time</h2>")
         for metric, title in (
             ("dead_fraction", "Dead fraction (ReLU family)"),
