@@ -71,13 +71,22 @@ class Server:
             self.proc.stderr.close()
 
 
-def start_prometheus(tmp: Path, targets: list[str], honor_labels: bool = False) -> Server:
+def start_prometheus(
+    tmp: Path,
+    targets: list[str],
+    honor_labels: bool = False,
+    interval: str = "1s",
+    rule_files: list[Path] = (),  # type: ignore[assignment]
+) -> Server:
+    """A Prometheus scraping ``targets`` every ``interval`` (and evaluating ``rule_files`` as
+    often)."""
     binary = require("prometheus")
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "prometheus.yml"
+    rules = f"rule_files: {json.dumps([str(p) for p in rule_files])}\n" if rule_files else ""
     config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"global:\n  scrape_interval: {interval}\n  evaluation_interval: {interval}\n{rules}"
         "scrape_configs:\n  - job_name: actmon\n"
         f"    honor_labels: {str(honor_labels).lower()}\n"
         f"    static_configs:\n      - targets: {json.dumps(targets)}\n"
