@@ -201,3 +201,41 @@ def test_a_pushgateway_answering_500_is_retried_and_counted():
     assert all(h == "/metrics/job/actmon/run/r" for h in hits)
     assert monitor.dropped_windows["prometheus"] == 2
     assert monitor.errors["sink:prometheus"] >= 6
+
+
+def test_console_lists_nan_layers_first_and_never_prints_a_header_only_table():
+    from actmon.sinks.console import ConsoleSink
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+    with torch.no_grad():
+        model[2].weight.fill_(float("nan"))  # layers "2" and "3" output NaN
+    with actmon.watch(
+        model, log_every=1, sample_every=1, sinks={"store": {"enabled": False}}
+    ) as monitor:
+        model(torch.randn(4, 6))  # no backward: layers "0" and "1" see no NaN gradient
+        monitor.step()
+    out = io.StringIO()
+    Console(file=out, width=200).print(render_table(monitor.snapshot()))
+    rows = [line.split("│")[1].strip() for line in out.getvalue().splitlines() if "│" in line]
+    assert rows == ["2", "3", "0", "1"]  # NaN layers first, then forward order
+    empty = actmon.Snapshot(
+        run="r",
+        step=3,
+        window=(1, 3),
+        sampled_steps=(1,),
+        loss=0.5,
+        loss_last=0.5,
+        losses=(0.5,) * 3,
+        grad_norm_total=None,
+        grad_norm_total_max=None,
+        grad_norms_total=(),
+        first_nonfinite=None,
+        layers={},
+        params={},
+    )
+    printed = io.StringIO()
+    sink = ConsoleSink(console=Console(file=printed, width=200))
+    sink.write(empty)
+    assert printed.getvalue() == (
+        "actmon r: steps 1-3, loss 0.5, grad norm -; no monitored layer has run yet\n"
+    )

@@ -116,7 +116,15 @@ class ConsoleSink:
             self._print(snapshot)
 
     def _print(self, snapshot: Snapshot) -> None:
-        self.console.print(render_table(snapshot, self.worst))
+        if snapshot.layers:
+            self.console.print(render_table(snapshot, self.worst))
+        else:  # no monitored layer has run yet (never a header-only table)
+            first, last = snapshot.window
+            self.console.print(
+                f"actmon {escape(snapshot.run)}: steps {first}-{last}, loss"
+                f" {_fmt(snapshot.loss)}, grad norm {_fmt(snapshot.grad_norm_total)}; no"
+                " monitored layer has run yet"
+            )
         for alert in self._active.values():
             self.console.print(f"  active: {escape(alert.message())}")
 
