@@ -71,12 +71,12 @@ ACTMON_CONFIGS: dict[str, dict[str, Any]] = {
 }
 CONFIG_DESCRIPTIONS = {
     "none": "no monitor",
-    "default": "actmon default config (sample_every=20, log_every=10, store sink)",
+    "default": "actmon default config (sample_every=20, log_every=20, store sink)",
     "full": "actmon full coverage: sample_every=1, activation + gradient histograms every step",
 }
 # Measured steps per configuration and workload: with peers, and actmon alone (multiples of
-# sample_every=20 and log_every=10, so the mean holds whole sampling periods).
-STEPS = {"mlp": 200, "conv": 100, "gpt2": 30}
+# sample_every=20 and log_every=20, so the mean holds whole sampling periods).
+STEPS = {"mlp": 200, "conv": 100, "gpt2": 40}
 STEPS_ALONE = {"mlp": 400, "conv": 200, "gpt2": 60}
 MIN_STEPS = {"wandb-100": 100}  # a peer that writes every 100 steps needs 100 measured
 FAILED: dict[str, str] = {}  # "workload: peer" -> why it could not start
@@ -409,7 +409,7 @@ def _recorded(work: Workload, timings: dict[str, Timing], configs: list[str]) ->
 def flush_section(report: Report, results: dict[str, dict[str, Timing]]) -> None:
     report.section(
         "Window flush cost (actmon monitor.step())",
-        "flush: median monitor.step() on window-ending steps (log_every=10): one device-to-host"
+        "flush: median monitor.step() on window-ending steps (log_every=20): one device-to-host"
         " copy, Snapshot, rules, hand-over to the sink threads; other: the other steps.",
     )
     rows = []

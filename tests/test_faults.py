@@ -142,12 +142,12 @@ def test_step_after_close_is_ignored_and_logged_once(caplog):
     assert sum("after close()" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_a_non_scalar_loss_is_contained():
+def test_a_non_scalar_loss_is_counted_and_reduced_by_its_mean():
     model = nn.Sequential(nn.Linear(6, 4))
     with actmon.watch(model, log_every=1, sinks=NO_STORE) as monitor:
-        monitor.step(loss=torch.ones(3))
-    assert monitor.errors == {"(step)": 1}
-    assert monitor.snapshot().loss is None
+        monitor.step(loss=torch.tensor([1.0, 2.0, 6.0]))
+    assert monitor.errors == {"(step) loss": 1}
+    assert monitor.snapshot().loss == 3.0
 
 
 def test_a_unit_axis_that_cannot_apply_is_contained(caplog):
