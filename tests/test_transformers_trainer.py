@@ -30,21 +30,26 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def test_trainer_steps_are_optimizer_steps(tmp_path):
-    model = make_tiny_gpt2()
-    callback = ActmonCallback(log_every=2, sample_every=1, sinks={"store": {"enabled": False}})
-    args = transformers.TrainingArguments(
+def _args(tmp_path, max_steps: int, logging_steps: int) -> transformers.TrainingArguments:
+    """CPU training in micro-batches of 2 with gradient accumulation over 2."""
+    return transformers.TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
-        max_steps=4,
+        max_steps=max_steps,
         learning_rate=1e-3,
         report_to=[],
         use_cpu=True,
-        logging_steps=100,
+        logging_steps=logging_steps,
         save_strategy="no",
         disable_tqdm=True,
     )
+
+
+def test_trainer_steps_are_optimizer_steps(tmp_path):
+    model = make_tiny_gpt2()
+    callback = ActmonCallback(log_every=2, sample_every=1, sinks={"store": {"enabled": False}})
+    args = _args(tmp_path, max_steps=4, logging_steps=100)
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=Tokens(), callbacks=[callback]
     )
@@ -71,18 +76,7 @@ def test_every_optimizer_steps_loss_reaches_the_monitor_as_the_trainer_logs_it(
     if not accepts_loss_kwargs:
         model.accepts_loss_kwargs = False  # the Trainer then averages micro-batch losses
     callback = ActmonCallback(log_every=3, sample_every=3, sinks={"store": {"enabled": False}})
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=6,
-        learning_rate=1e-3,
-        report_to=[],
-        use_cpu=True,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
+    args = _args(tmp_path, max_steps=6, logging_steps=1)
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=Tokens(24), callbacks=[callback]
     )
