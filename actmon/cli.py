@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -161,6 +162,16 @@ def rules() -> None:
     """Work with alert rules."""
 
 
+def _grafana_url(value: str) -> str:
+    """An http(s) URL with nothing a Prometheus template would read as markup."""
+    if not re.fullmatch(r"https?://[^\s{}]+", value):
+        raise click.BadParameter(
+            f"{value!r} is not an http:// or https:// URL without spaces or braces",
+            param_hint="--grafana-url",
+        )
+    return value
+
+
 @rules.command("export")
 @click.option(
     "--config",
@@ -182,7 +193,16 @@ def rules() -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="Prometheus scrape interval in seconds: the shortest 'for:'.",
 )
-def export(config_path: str | None, step_seconds: float, scrape_interval: float) -> None:
+@click.option(
+    "--grafana-url",
+    default="http://localhost:3000",
+    show_default=True,
+    callback=lambda _ctx, _param, value: _grafana_url(value),
+    help="Grafana's base URL, for each alert's 'dashboard' link (run and layer preselected).",
+)
+def export(
+    config_path: str | None, step_seconds: float, scrape_interval: float, grafana_url: str
+) -> None:
     """Print the rules as a Prometheus alerting-rules file; skipped rules go to stderr."""
     from actmon.rules_export import export_yaml
 
@@ -190,7 +210,7 @@ def export(config_path: str | None, step_seconds: float, scrape_interval: float)
         cfg = load_config(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    text, skipped = export_yaml(cfg, step_seconds, scrape_interval)
+    text, skipped = export_yaml(cfg, step_seconds, scrape_interval, grafana_url)
     click.echo(text, nl=False)
     for name, reason in skipped:
         click.echo(f"skipped {name}: {reason}", err=True)

@@ -3,6 +3,12 @@
 Each threshold rule becomes a PromQL expression over the exported ``actmon_*`` metrics; ``for:``
 is ``for_steps`` times the seconds per training step, and at least one scrape interval.
 Rules with no PromQL equivalent are returned as skipped, with the reason.
+
+Labels and annotations are what ``dashboards/alertmanager.yml`` routes on: ``severity``
+(critical pages, warning tickets, info goes nowhere) and ``family`` (the metric the rule
+thresholds: a critical alert inhibits the warning and info alerts of its family for the same run
+and layer); the ``dashboard`` annotation links to the Grafana dashboard with the alert's run (and
+layer) preselected.
 """
 
 from __future__ import annotations
@@ -56,15 +62,30 @@ def glob_to_re2(glob: str) -> str:
     return "".join(out)
 
 
+DEFAULT_GRAFANA_URL = "http://localhost:3000"
+# Grafana dashboard URLs by uid (dashboards/actmon-layer.json, actmon-overview.json); the run
+# and layer are URL-quoted when Prometheus renders the annotation.
+_LAYER_DASHBOARD = (
+    "{base}/d/actmon-layer/actmon-layer"
+    "?var-run={{{{ $labels.run | urlquery }}}}&var-layer={{{{ $labels.layer | urlquery }}}}"
+)
+_RUN_DASHBOARD = "{base}/d/actmon-overview/actmon-overview?var-run={{{{ $labels.run | urlquery }}}}"
+
+
 def _duration(seconds: float) -> str:
     seconds = math.ceil(seconds)
     return f"{seconds}s"
 
 
 def export_rules(
-    config: Config, step_seconds: float, scrape_interval: float
+    config: Config,
+    step_seconds: float,
+    scrape_interval: float,
+    grafana_url: str = DEFAULT_GRAFANA_URL,
 ) -> tuple[dict[str, object], list[tuple[str, str]]]:
-    """(the Prometheus rule file as a dict, [(rule, reason skipped)])."""
+    """(the Prometheus rule file as a dict, [(rule, reason skipped)]); ``grafana_url`` is the
+    base of the ``dashboard`` annotation's link."""
+    base = grafana_url.rstrip("/")
     alerts: list[dict[str, object]] = []
     skipped: list[tuple[str, str]] = []
     lookback = _duration(max(4 * scrape_interval, 60))
@@ -76,11 +97,14 @@ def export_rules(
         entry: dict[str, object] = {
             "alert": f"actmon_{rule.name}",
             "expr": expr,
-            "labels": {"severity": rule.severity},
+            "labels": {"severity": rule.severity, "family": rule.metric},
             "annotations": {
                 "summary": rule.summary or f"{rule.metric} {rule.op} {rule.threshold:g}",
                 "description": _description(rule),
                 "runbook": rule.runbook,
+                "dashboard": (_RUN_DASHBOARD if rule.run_level else _LAYER_DASHBOARD).format(
+                    base=base
+                ),
             },
         }
         if rule.for_steps:
@@ -150,7 +174,10 @@ def _why(rule: Rule) -> str:
 
 
 def export_yaml(
-    config: Config, step_seconds: float, scrape_interval: float
+    config: Config,
+    step_seconds: float,
+    scrape_interval: float,
+    grafana_url: str = DEFAULT_GRAFANA_URL,
 ) -> tuple[str, list[tuple[str, str]]]:
-    doc, skipped = export_rules(config, step_seconds, scrape_interval)
+    doc, skipped = export_rules(config, step_seconds, scrape_interval, grafana_url)
     return yaml.safe_dump(doc, sort_keys=False, width=100), skipped

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the integration tests run against: a real Prometheus server,
-# the Pushgateway, promtool, and Chromium (renders the HTML report headless). Needs root (or
-# passwordless sudo); without it the tests that need them skip and say why.
+# the Pushgateway, promtool, Alertmanager (with amtool), and Chromium (renders the HTML report
+# headless). Needs root (or passwordless sudo); without it the tests that need them skip and say why.
 set -euo pipefail
 if command -v prometheus >/dev/null && command -v prometheus-pushgateway >/dev/null \
-    && command -v chromium >/dev/null; then
+    && command -v prometheus-alertmanager >/dev/null && command -v chromium >/dev/null; then
   exit 0
 fi
 SUDO=""
@@ -18,4 +18,5 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq prometheus prometheus-pushgateway chromium >/dev/null
+$SUDO apt-get install -y -qq prometheus prometheus-pushgateway prometheus-alertmanager \
+  chromium >/dev/null

@@ -77,14 +77,20 @@ def start_prometheus(
     honor_labels: bool = False,
     interval: str = "1s",
     rule_files: list[Path] = (),  # type: ignore[assignment]
+    alertmanagers: list[str] = (),  # type: ignore[assignment]
 ) -> Server:
     """A Prometheus scraping ``targets`` every ``interval`` (and evaluating ``rule_files`` as
-    often)."""
+    often, sending what fires to ``alertmanagers``, host:port)."""
     binary = require("prometheus")
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "prometheus.yml"
     rules = f"rule_files: {json.dumps([str(p) for p in rule_files])}\n" if rule_files else ""
+    if alertmanagers:
+        rules += (
+            "alerting:\n  alertmanagers:\n    - static_configs:\n"
+            f"        - targets: {json.dumps(list(alertmanagers))}\n"
+        )
     config.write_text(
         f"global:\n  scrape_interval: {interval}\n  evaluation_interval: {interval}\n{rules}"
         "scrape_configs:\n  - job_name: actmon\n"
@@ -116,6 +122,56 @@ def start_pushgateway(tmp: Path) -> Server:
         f"http://127.0.0.1:{port}",
         "/-/ready",
     )
+
+
+def start_alertmanager(tmp: Path, config: Path) -> Server:
+    """An Alertmanager on 127.0.0.1 with clustering off (its gossip port would bind 0.0.0.0)."""
+    binary = require("prometheus-alertmanager")
+    port = free_port()
+    (tmp / "am-data").mkdir(parents=True, exist_ok=True)
+    return Server(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.path={tmp / 'am-data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",
+        ],
+        f"http://127.0.0.1:{port}",
+        "/-/ready",
+    )
+
+
+class WebhookReceiver:
+    """Records every webhook notification POSTed to it: (path, the JSON payload)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        received = self.received = []  # type: list[tuple[str, dict[str, Any]]]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.append((self.path, json.loads(body)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def at(self, path: str) -> list[dict[str, Any]]:
+        return [payload for p, payload in list(self.received) if p == path]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def prom_query(server: Server, query: str) -> list[dict[str, Any]]:

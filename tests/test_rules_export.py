@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from urllib.parse import quote_plus
 
 import yaml
 from click.testing import CliRunner
@@ -49,7 +50,7 @@ def test_export_is_valid_and_lists_what_it_skipped(tmp_path):
     dead = rules["actmon_dead_units"]
     assert dead["expr"] == "actmon_dead_fraction > 0.3"
     assert dead["for"] == "100s"
-    assert dead["labels"] == {"severity": "warning"}
+    assert dead["labels"] == {"severity": "warning", "family": "dead_fraction"}
     assert rules["actmon_saturation"]["expr"] == (
         'actmon_saturation_fraction > 0.5 and on(run, layer) actmon_layer_info{hidden="true"}'
     )
@@ -65,9 +66,21 @@ def test_export_is_valid_and_lists_what_it_skipped(tmp_path):
     assert "SUCCESS" in check.stdout
 
 
+def _dashboard(labels: dict[str, str]) -> str:
+    """The link Prometheus renders: Grafana's dashboard with run (and layer) URL-quoted."""
+    base = "http://localhost:3000/d/"
+    if "layer" not in labels:
+        return f"{base}actmon-overview/actmon-overview?var-run={quote_plus(labels['run'])}"
+    return (
+        f"{base}actmon-layer/actmon-layer?var-run={quote_plus(labels['run'])}"
+        f"&var-layer={quote_plus(labels['layer'])}"
+    )
+
+
 def _alert(labels: dict[str, str], description: str, rules: dict, name: str) -> dict:
     annotations = dict(rules[name]["annotations"])
     annotations["description"] = description
+    annotations["dashboard"] = _dashboard(labels)
     return {"exp_labels": labels, "exp_annotations": annotations}
 
 
@@ -86,13 +99,12 @@ def test_promtool_unit_tests_fire_every_exported_rule(tmp_path):
         return {"series": f"{metric}{{{body}}}", "values": values}
 
     def expect(name: str, at: str, alerts: list[tuple[dict[str, str], str]]) -> dict:
-        severity = rules[name]["labels"]["severity"]
+        fixed = rules[name]["labels"]  # severity and family
         return {
             "eval_time": at,
             "alertname": name,
             "exp_alerts": [
-                _alert({**labels, "severity": severity}, text, rules, name)
-                for labels, text in alerts
+                _alert({**labels, **fixed}, text, rules, name) for labels, text in alerts
             ],
         }
 
