@@ -94,6 +94,11 @@ class PrometheusSinkConfig(_Strict):
     pushgateway_url: str = "http://127.0.0.1:9091"
     job: str = "actmon"
     max_layer_series: int = Field(500, ge=1)  # beyond it: worst layers first, the rest "_other"
+    # Activation histograms as Prometheus histograms (actmon_activation_bucket, 27 fixed
+    # log-spaced buckets per layer) for the layers matching these globs, in forward order, up
+    # to max_histogram_layers (each costs 29 series). Off by default: [] exports none.
+    histogram_layers: list[str] = Field(default_factory=list)
+    max_histogram_layers: int = Field(32, ge=1, le=1000)
     # TLS for the endpoint (prometheus_client's own support): a certificate and its key, and
     # optionally a CA whose client certificates are then required (mutual TLS).
     tls_cert_file: str | None = None

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from grafana_foundation_sdk.builders import dashboard, heatmap, prometheus, stat, timeseries
+    from grafana_foundation_sdk.builders import (
+        barchart,
+        dashboard,
+        heatmap,
+        prometheus,
+        stat,
+        timeseries,
+    )
     from grafana_foundation_sdk.cog.encoder import JSONEncoder
     from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos, VariableRefresh
     from grafana_foundation_sdk.models.prometheus import PromQueryFormat
@@ -26,6 +33,13 @@ except ImportError as exc:  # pragma: no cover - a dev-time generator
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 RUN = 'run="$run"'
 LAYER = 'run="$run", layer="$layer"'
+# A second run overlaid on the time series (the Baseline variable; empty: no overlay).
+BASELINE = 'run="$baseline"'
+BASELINE_LAYER = 'run="$baseline", layer="$layer"'
+# Every layer's gradient norm with its forward-order depth (zero-padded, so it sorts).
+GRAD_BY_DEPTH = (
+    f"actmon_grad_norm{{{RUN}}} * on(run, layer) group_left(depth) actmon_layer_info{{{RUN}}}"
+)
 
 
 def _query(expr: str, legend: str = "", ref: str = "A") -> prometheus.Dataquery:
@@ -54,6 +68,14 @@ def _variables(board: dashboard.Dashboard, with_layer: bool) -> dashboard.Dashbo
     board = board.with_variable(
         dashboard.QueryVariable("run")
         .label("Run")
+        .datasource(DATASOURCE)
+        .query("label_values(actmon_step, run)")
+        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+    )
+    board = board.with_variable(
+        dashboard.QueryVariable("baseline")
+        .label("Baseline run")
+        .description("A second run overlaid on the time series, e.g. the last good run.")
         .datasource(DATASOURCE)
         .query("label_values(actmon_step, run)")
         .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
@@ -97,10 +119,20 @@ def overview() -> dashboard.Dashboard:
             [(f"increase(actmon_alerts_total{{{RUN}}}[5m])", "{{rule}} ({{severity}})")],
             (8, 0, 16, 6),
         ),
-        _timeseries("Loss", [(f"actmon_loss{{{RUN}}}", "loss")], (0, 6, 12, 8)),
+        _timeseries(
+            "Loss",
+            [
+                (f"actmon_loss{{{RUN}}}", "loss"),
+                (f"actmon_loss{{{BASELINE}}}", "baseline {{run}}"),
+            ],
+            (0, 6, 12, 8),
+        ),
         _timeseries(
             "Total gradient norm",
-            [(f"actmon_grad_norm_total{{{RUN}}}", "grad norm")],
+            [
+                (f"actmon_grad_norm_total{{{RUN}}}", "grad norm"),
+                (f"actmon_grad_norm_total{{{BASELINE}}}", "baseline {{run}}"),
+            ],
             (12, 6, 12, 8),
         ),
         _timeseries(
@@ -142,6 +174,41 @@ def overview() -> dashboard.Dashboard:
                 PromQueryFormat.TIME_SERIES
             )
         ),
+        barchart.Panel()
+        .title("Gradient norm by depth (latest window, every exported layer)")
+        .description(
+            "Parameter-gradient L2 norm of each layer in forward order (input first):"
+            " vanishing gradients show as bars falling toward the input."
+        )
+        .datasource(DATASOURCE)
+        .grid_pos(GridPos(x=0, y=40, w=24, h=9))
+        .x_field("depth")
+        .x_tick_label_rotation(-45)
+        .axis_label("gradient norm")
+        .with_target(
+            _query(GRAD_BY_DEPTH, "{{depth}} {{layer}}").instant().format(PromQueryFormat.TABLE)
+        ),
+        _timeseries(
+            "Gradient norm by depth over time",
+            [(GRAD_BY_DEPTH, "{{depth}} {{layer}}")],
+            (0, 49, 24, 9),
+        ),
+        _timeseries(
+            "Mixed precision: skipped steps",
+            [
+                (f"actmon_amp_skipped_steps{{{RUN}}}", "skipped steps per window"),
+                (f"actmon_amp_skip_fraction{{{RUN}}}", "share of steps skipped"),
+            ],
+            (0, 58, 12, 8),
+        ),
+        _timeseries(
+            "Mixed precision: loss scale",
+            [
+                (f"actmon_loss_scale{{{RUN}}}", "loss scale"),
+                (f"actmon_loss_scale{{{BASELINE}}}", "baseline {{run}}"),
+            ],
+            (12, 58, 12, 8),
+        ),
     ]
     for panel in panels:
         board = board.with_panel(panel)
@@ -160,7 +227,10 @@ def layer() -> dashboard.Dashboard:
     panels = [
         _timeseries(
             "Activation quantiles",
-            [(f"actmon_activation_quantile{{{LAYER}}}", "q{{quantile}}")],
+            [
+                (f"actmon_activation_quantile{{{LAYER}}}", "q{{quantile}}"),
+                (f"actmon_activation_quantile{{{BASELINE_LAYER}}}", "baseline q{{quantile}}"),
+            ],
             (0, 0, 12, 8),
         ),
         _timeseries(
@@ -198,6 +268,16 @@ def layer() -> dashboard.Dashboard:
             "NaN / Inf",
             [(f"actmon_nonfinite_total{{{LAYER}}}", "{{tensor}} {{value}}")],
             (12, 16, 12, 8),
+        ),
+        heatmap.Panel()
+        .title("Activation histogram over time (layers in sinks.prometheus.histogram_layers)")
+        .datasource(DATASOURCE)
+        .grid_pos(GridPos(x=0, y=24, w=24, h=10))
+        .with_target(
+            _query(
+                f"sum by (le) (increase(actmon_activation_bucket{{{LAYER}}}[$__rate_interval]))",
+                "{{le}}",
+            ).format(PromQueryFormat.HEATMAP)
         ),
     ]
     for panel in panels:

@@ -376,6 +376,7 @@ class Monitor:
                 overhead_seconds_total=self.overhead_seconds_total,
                 internal_errors=errors,
                 rank=None if self._dist is None else self._dist.label,
+                loss_scale=self._loss_scale(),
             )
             snapshot = self._nonfinite.observe(snapshot)
             self.history.append(snapshot)
@@ -392,6 +393,14 @@ class Monitor:
             for alert in events:
                 self._dispatch(alert)
         return snapshot
+
+    def _loss_scale(self) -> float | None:
+        """The GradScaler's current scale. ``get_scale()`` copies one scalar to the host: done
+        once per window, right after the window's own copy has synchronised the device."""
+        scaler = self._attacher.scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return float(scaler.get_scale())
 
     def _with_carried_layers(self, fresh: dict[str, LayerStats]) -> dict[str, LayerStats]:
         """Every layer seen so far, in display order: this window's figures, and for a layer

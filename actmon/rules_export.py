@@ -43,6 +43,7 @@ _RUN_METRICS = {
     "grad_norm_total": "actmon_grad_norm_total",
     "amp_skip_fraction": "actmon_amp_skip_fraction",
     "amp_skipped_steps": "actmon_amp_skipped_steps",
+    "loss_scale": "actmon_loss_scale",
     "grad_norm_depth_ratio": "actmon_grad_norm_depth_ratio",
     # Layers' NaN/Inf values and (layer="") steps with a non-finite loss or gradient norm.
     "nonfinite_count": "sum by (run) (increase(actmon_nonfinite_total[{range}]))",

@@ -73,6 +73,7 @@ RUN_METRICS = (
     "nonfinite_count",
     "amp_skipped_steps",
     "amp_skip_fraction",
+    "loss_scale",
     "grad_norm_depth_ratio",
 )
 
@@ -213,6 +214,8 @@ class Snapshot:
     # With a GradScaler: the window's steps it skipped (overflowed gradients), and their share.
     amp_skipped_steps: int | None = None
     amp_skip_fraction: float | None = None
+    # The GradScaler's loss scale at the window's end (read after the window's copy to the host).
+    loss_scale: float | None = None
     # First parameterised layer's gradient norm over the last one's (forward order), from the
     # layers measured in this window; vanishing gradients read as a tiny ratio.
     grad_norm_depth_ratio: float | None = None

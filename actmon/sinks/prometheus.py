@@ -16,14 +16,21 @@ import threading
 from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
+import numpy as np
 from prometheus_client import CollectorRegistry, push_to_gateway, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import basic_auth_handler, default_handler
 from prometheus_client.registry import Collector
 
 from actmon.config import PrometheusSinkConfig
 from actmon.errors import ConfigError
 from actmon.rules import Alert
+from actmon.sinks.prom_histogram import BUCKET_BOUNDS, HistogramExport
 from actmon.snapshot import LayerStats, NonFinite, Snapshot
 
 log = logging.getLogger("actmon")
@@ -114,6 +121,7 @@ class PrometheusSink:
         self._alert_active: dict[tuple[str, str, str], float] = {}  # (rule, layer, severity)
         self._first_nonfinite: NonFinite | None = None  # the run's, completed when confirmed
         self._said_bounded = False
+        self._histograms = HistogramExport(config.histogram_layers, config.max_histogram_layers)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.url: str | None = None
@@ -183,6 +191,7 @@ class PrometheusSink:
             ):  # run-level: steps whose loss / total gradient norm was NaN or Inf
                 key = ("", "", tensor, "nonfinite")
                 self._nonfinite[key] = self._nonfinite.get(key, 0.0) + steps
+            self._histograms.add(list(snapshot.fresh_layers().values()))
             for layer in snapshot.fresh_layers().values():  # carried figures count once
                 self._kinds[layer.name] = layer.kind.value
                 for tensor, value, count in (
@@ -260,6 +269,10 @@ class PrometheusSink:
             nonfinite = dict(self._nonfinite)
             alerts_total = dict(self._alerts_total)
             alert_active = dict(self._alert_active)
+            histograms = [
+                (name, kind, self._histograms.buckets[name].copy())
+                for name, kind in self._histograms.layers.items()
+            ]
         if snap is None:
             return []
         run = bounded(self.run)
@@ -300,15 +313,24 @@ class PrometheusSink:
         info = GaugeMetricFamily(
             "actmon_layer_info",
             "1 for every exported layer; hidden is false for the model's last layer in forward"
-            " order (its output), which rules on hidden layers leave out.",
-            labels=[*labels, "hidden"],
+            " order (its output), which rules on hidden layers leave out; depth is the layer's"
+            " position in forward order, zero-padded so that sorting by it sorts by depth.",
+            labels=[*labels, "hidden", "depth"],
         )
+        depth = {name: i for i, name in enumerate(snap.layers)}
         for stats in own:
             info.add_metric(
-                [run, bounded(stats.name), stats.kind.value, str(stats.hidden).lower()], 1.0
+                [
+                    run,
+                    bounded(stats.name),
+                    stats.kind.value,
+                    str(stats.hidden).lower(),
+                    f"{depth[stats.name]:04d}",
+                ],
+                1.0,
             )
         if rest:
-            info.add_metric([run, OTHER, "mixed", "true"], 1.0)
+            info.add_metric([run, OTHER, "mixed", "true", ""], 1.0)
         out.append(info)
         exported = {layer.name for layer in own} | {""}  # "": the loss and gradient norm
         other: dict[tuple[str, str], float] = {}
@@ -320,6 +342,8 @@ class PrometheusSink:
         for (tensor, which), count in sorted(other.items()):
             nf.add_metric([run, OTHER, "mixed", tensor, which], count)
         out.append(nf)
+        if histograms:
+            out.append(_histogram_family(run, histograms))
         out.extend(self._run_families(snap))
         first = self._first_nonfinite
         if first is not None:
@@ -375,6 +399,12 @@ class PrometheusSink:
                 "Share of the latest window's steps that the GradScaler skipped.",
             ),
             (
+                "actmon_loss_scale",
+                snap.loss_scale,
+                "The GradScaler's loss scale at the end of the latest window (halved at each"
+                " overflow, grown after a run of clean steps).",
+            ),
+            (
                 "actmon_grad_norm_depth_ratio",
                 snap.grad_norm_depth_ratio,
                 "First parameterised layer's gradient norm over the last one's (forward order);"
@@ -414,6 +444,26 @@ def bounded(value: str) -> str:
         return value
     digest = hashlib.sha1(value.encode()).hexdigest()[:8]
     return f"{value[: MAX_LABEL - 10]}…{digest}"
+
+
+def _histogram_family(
+    run: str, layers: list[tuple[str, str, np.ndarray]]
+) -> HistogramMetricFamily:
+    """``actmon_activation`` histograms (fixed buckets, counters over the run) per layer."""
+    family = HistogramMetricFamily(
+        "actmon_activation",
+        "A layer's output values over the run's sampled steps, in fixed log-spaced buckets"
+        " (+-4**k, k in -6..6; exact to within one bin of the layer's histogram).",
+        labels=["run", "layer", "kind"],
+    )
+    bounds = [repr(b) for b in BUCKET_BOUNDS] + ["+Inf"]  # exact: powers of two
+    for name, kind, buckets in layers:
+        family.add_metric(
+            [run, bounded(name), kind],
+            buckets=list(zip(bounds, [float(v) for v in buckets], strict=True)),
+            sum_value=None,  # negative buckets: no _sum (see prom_histogram)
+        )
+    return family
 
 
 def _add_label(families: list[Metric], name: str, value: str) -> None:
