@@ -112,3 +112,33 @@ def test_fp16_forward_overflow_is_an_inf_at_the_layer_that_overflowed():
 def test_scaler_without_optimizer_is_refused():
     with pytest.raises(actmon.ConfigError, match="needs the optimizer"):
         actmon.watch(Net(), scaler=torch.amp.GradScaler("cpu"))
+
+
+def test_loss_scale_is_the_scalers_at_each_windows_end():
+    """``Snapshot.loss_scale`` (and ``actmon_loss_scale``) follow the GradScaler: halved at an
+    overflowed step, grown after ``growth_interval`` clean ones."""
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    monitor = actmon.watch(model, opt, scaler=scaler, log_every=2, sample_every=1)
+    expected = []
+    for step in range(6):
+        loss = model(torch.randn(8, 16)).pow(2).mean()
+        if step == 1:
+            loss = loss * float("inf")  # an overflowed backward: the scaler skips and halves
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        monitor.step(loss=loss)
+        if step % 2 == 1:
+            expected.append(scaler.get_scale())
+    monitor.close()
+    assert expected == [512.0, 512.0, 1024.0]  # halved at step 1, grown after steps 2-4
+    assert [s.loss_scale for s in monitor.history] == expected
+    assert [s.amp_skipped_steps for s in monitor.history] == [1, 0, 0]
+    plain = Net()
+    with actmon.watch(plain, log_every=1, sinks={"store": {"enabled": False}}) as without:
+        plain(torch.randn(2, 16)).sum().backward()
+        without.step(loss=1.0)
+    assert without.history[-1].loss_scale is None  # no scaler: no loss scale
