@@ -73,7 +73,7 @@ class ConsoleSinkConfig(_Strict):
 
 
 class TensorBoardSinkConfig(_Strict):
-    """TensorBoard event files: scalars ``actmon/<metric>/<layer>``, pre-binned histograms."""
+    """TensorBoard event files: scalars ``actmon.<metric>/<layer>``, pre-binned histograms."""
 
     enabled: bool = False
     # {run} is replaced by the run name, {rank} by the rank (distributed: per_rank puts each

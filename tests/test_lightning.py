@@ -87,8 +87,8 @@ def test_healthy_module_trains_and_the_store_and_tensorboard_hold_its_windows(tm
     acc = EventAccumulator(trainer.logger.log_dir)
     acc.Reload()
     scalars = acc.Tags()["scalars"]
-    assert "actmon/dead_fraction/net.1" in scalars  # our event file, in Lightning's directory
-    assert "actmon/loss" in scalars
+    assert "actmon.dead_fraction/net.1" in scalars  # our event file, in Lightning's directory
+    assert "actmon.run/loss" in scalars
     assert "val_loss" in scalars  # Lightning's own
     assert "actmon_grad_norm_total" in trainer.callback_metrics  # logged through the module
 

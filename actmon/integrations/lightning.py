@@ -70,7 +70,7 @@ class ActmonCallback(pl.Callback):
         if self.monitor.should_stop:
             trainer.should_stop = True
         if snapshot is not None and self.log_to_module:
-            # Underscored keys: the TensorBoard sink already writes "actmon/<metric>" tags.
+            # Underscored keys: the TensorBoard sink already writes "actmon.run/<metric>" tags.
             values = {f"actmon_{k}": v for k, v in snapshot.run_metrics().items()}
             values["actmon_alerts_active"] = float(len(self.monitor.active_alerts))
             pl_module.log_dict(values, on_step=True, on_epoch=False)

@@ -1,4 +1,14 @@
-"""TensorBoard sink: scalars ``actmon/<metric>/<layer>``, run scalars, pre-binned histograms.
+"""TensorBoard sink: per-layer scalars, run scalars, pre-binned histograms, alert text.
+
+Tags are laid out for TensorBoard's grouping, which puts the tags sharing a first path component
+in one group: each metric has its own group with one card per layer, and the run-level values
+have theirs.
+
+* ``actmon.run/<name>`` — ``loss``, ``grad_norm_total``, ..., and ``alerts_active`` (the alerts
+  firing once the window's rules ran); alert messages as text ``actmon.run/alerts``.
+* ``actmon.<metric>/<layer>`` — e.g. ``actmon.dead_fraction/encoder.0.act``.
+* ``actmon.hist/<layer>``, ``actmon.grad_hist/<layer>`` — activation and output-gradient
+  histograms.
 
 Histograms are written from the aggregator's own bins with ``add_histogram_raw``; nothing is
 re-binned on the host. The writer uses its own event file, so it can share a log directory
@@ -15,6 +25,13 @@ import numpy as np
 from actmon.rules import Alert
 from actmon.snapshot import LayerStats, Snapshot
 
+RUN_GROUP = "actmon.run"
+
+
+def layer_tag(metric: str, layer: str) -> str:
+    """The tag of one layer's metric: its group is the metric."""
+    return f"actmon.{metric}/{layer}"
+
 
 class TensorBoardSink:
     def __init__(self, log_dir: str | Path, histograms: bool = True) -> None:
@@ -25,17 +42,22 @@ class TensorBoardSink:
         self._writer = SummaryWriter(
             log_dir=str(self.log_dir), flush_secs=10, filename_suffix=".actmon"
         )
+        self._active: set[tuple[str, str | None]] = set()
+        self._last_step: int | None = None  # the window whose alerts may still be arriving
 
     def write(self, snapshot: Snapshot) -> None:
         step = snapshot.step
         writer = self._writer
+        # A window's alerts are delivered after it: the previous window's count is complete now.
+        self._write_alert_count()
+        self._last_step = step
         for name, value in snapshot.run_metrics().items():
-            writer.add_scalar(f"actmon/{name}", value, step)
+            writer.add_scalar(f"{RUN_GROUP}/{name}", value, step)
         # Layers measured in this window; one that did not run keeps its points at the step of
-        # the window that measured it (actmon/sampled_steps says how many steps each covers).
+        # the window that measured it (actmon.run/sampled_steps says how many steps each covers).
         for layer in snapshot.fresh_layers().values():
             for name, value in layer.metrics().items():
-                writer.add_scalar(f"actmon/{name}/{layer.name}", value, step)
+                writer.add_scalar(layer_tag(name, layer.name), value, step)
             if self.histograms:
                 self._histogram(layer, step)
 
@@ -43,7 +65,7 @@ class TensorBoardSink:
         if math.isfinite(layer.min) and math.isfinite(layer.max):
             finite = layer.count - layer.nan_count - layer.posinf_count - layer.neginf_count
             self._raw(
-                f"actmon/hist/{layer.name}",
+                layer_tag("hist", layer.name),
                 layer.hist_edges,
                 layer.hist_counts,
                 layer.mean * layer.count,
@@ -53,7 +75,7 @@ class TensorBoardSink:
             )
         if layer.output_grad_hist_counts is not None and layer.output_grad_hist_edges is not None:
             self._raw(
-                f"actmon/grad_hist/{layer.name}",
+                layer_tag("grad_hist", layer.name),
                 layer.output_grad_hist_edges,
                 layer.output_grad_hist_counts,
                 0.0,  # the gradient's sum is not kept; its sum of squares is
@@ -93,8 +115,23 @@ class TensorBoardSink:
         )
 
     def write_alert(self, alert: Alert) -> None:
-        self._writer.add_text("actmon/alerts", alert.message(), alert.step)
+        key = (alert.rule, alert.layer)
+        if alert.state == "firing":
+            if alert.layer is not None:  # a run-level alert re-issued naming its layer
+                self._active.discard((alert.rule, None))
+            self._active.add(key)
+        else:
+            self._active.discard(key)
+        self._writer.add_text(f"{RUN_GROUP}/alerts", alert.message(), alert.step)
+
+    def _write_alert_count(self) -> None:
+        if self._last_step is not None:
+            self._writer.add_scalar(
+                f"{RUN_GROUP}/alerts_active", float(len(self._active)), self._last_step
+            )
+            self._last_step = None
 
     def close(self) -> None:
+        self._write_alert_count()
         self._writer.flush()
         self._writer.close()
