@@ -239,3 +239,45 @@ def test_console_lists_nan_layers_first_and_never_prints_a_header_only_table():
     assert printed.getvalue() == (
         "actmon r: steps 1-3, loss 0.5, grad norm -; no monitored layer has run yet\n"
     )
+
+
+class _MarkupNames(nn.Module):
+    """Layers whose names are rich markup (and an emoji code) if read as markup."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from tests.test_monitor import NaNAt
+
+        self.add_module("[/]closing[bold red]", NaNAt(step=2))
+        self.add_module("exp[bold]1", nn.ReLU())
+        self.add_module(":smile:", nn.Linear(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for module in self.children():
+            x = module(x)
+        return x
+
+
+def test_console_prints_markup_in_run_and_layer_names_literally():
+    from actmon.sinks.console import ConsoleSink
+
+    model = _MarkupNames()
+    out = io.StringIO()
+    sink = ConsoleSink(console=Console(file=out, width=1000, color_system=None))
+    sinks = {"store": {"enabled": False}, "console": {"enabled": False}}
+    with actmon.watch(
+        model, log_every=2, sample_every=1, run_name="exp[/]1", sinks=sinks, extra_sinks=[sink]
+    ) as monitor:
+        for _ in range(4):
+            model(torch.randn(3, 4)).sum().backward()
+            monitor.step()
+    assert monitor.errors == {}  # the console sink never failed a window
+    assert list(monitor.delivered_windows.values()) == [2]
+    text = out.getvalue()
+    assert "actmon exp[/]1: steps 1-2" in text
+    assert "actmon exp[/]1: steps 3-4" in text
+    rows = [line.split("│")[1].strip() for line in text.splitlines() if "│" in line]
+    assert rows[:3] == ["[/]closing[bold red]", "exp[bold]1", ":smile:"]
+    nan_alert = next(a for a in monitor.alerts if a.rule == "nonfinite")
+    assert nan_alert.layer == "[/]closing[bold red]"
+    assert f"actmon alert {nan_alert.message()}\n" in text

@@ -1,12 +1,17 @@
-"""Console sink: the per-layer health table, rendered with rich."""
+"""Console sink: the per-layer health table, rendered with rich.
+
+Names (run, layers) and alert text come from the user's model and config, so they are passed to
+rich as :class:`~rich.text.Text`, never as markup: ``[/]closing`` or ``exp[bold]1`` print as
+written, and ``:smile:`` stays text.
+"""
 
 from __future__ import annotations
 
 import math
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from actmon.rules import Alert
 from actmon.snapshot import LayerStats, Snapshot
@@ -20,7 +25,7 @@ def _fmt(value: float | None, pct: bool = False) -> str:
     return f"{100 * value:.1f}%" if pct else f"{value:.3g}"
 
 
-def _health(layer: LayerStats) -> str:
+def _health(layer: LayerStats) -> Text:
     """The layer's worst fraction (dead, dormant or saturated) as a coloured cell."""
     worst = max(
         (
@@ -32,11 +37,11 @@ def _health(layer: LayerStats) -> str:
     )
     text = _fmt(worst, pct=True)
     if layer.nonfinite_count:
-        return f"[bold red]NaN/Inf {layer.nonfinite_count}[/]"
+        return Text(f"NaN/Inf {layer.nonfinite_count}", style="bold red")
     if worst is None:
-        return text
+        return Text(text)
     colour = "red" if worst > 0.5 else "yellow" if worst > 0.1 else "green"
-    return f"[{colour}]{text}[/]"
+    return Text(text, style=colour)
 
 
 def render_table(snapshot: Snapshot, worst: int | None = None) -> Table:
@@ -44,8 +49,10 @@ def render_table(snapshot: Snapshot, worst: int | None = None) -> Table:
     loss = _fmt(snapshot.loss)
     gnorm = _fmt(snapshot.grad_norm_total)
     table = Table(
-        title=f"actmon {snapshot.run}: steps {snapshot.window[0]}-{snapshot.window[1]},"
-        f" loss {loss}, grad norm {gnorm}",
+        title=Text(
+            f"actmon {snapshot.run}: steps {snapshot.window[0]}-{snapshot.window[1]},"
+            f" loss {loss}, grad norm {gnorm}"
+        ),
         title_justify="left",
     )
     for column in (
@@ -71,9 +78,12 @@ def render_table(snapshot: Snapshot, worst: int | None = None) -> Table:
         layers = sorted(layers, key=lambda layer: layer.nonfinite_count == 0)
     for layer in layers:
         stale = layer.stale(snapshot.step)  # did not run in this window: its latest figures
+        name = Text(layer.name)
+        if stale:
+            name.append(f" (step {layer.as_of_step})", style="dim")
         table.add_row(
-            escape(layer.name) + (f" [dim](step {layer.as_of_step})[/]" if stale else ""),
-            layer.kind.value,
+            name,
+            Text(layer.kind.value),
             str(layer.units or "-"),
             str(layer.calls),
             _fmt(layer.mean),
@@ -121,12 +131,14 @@ class ConsoleSink:
         else:  # no monitored layer has run yet (never a header-only table)
             first, last = snapshot.window
             self.console.print(
-                f"actmon {escape(snapshot.run)}: steps {first}-{last}, loss"
-                f" {_fmt(snapshot.loss)}, grad norm {_fmt(snapshot.grad_norm_total)}; no"
-                " monitored layer has run yet"
+                Text(
+                    f"actmon {snapshot.run}: steps {first}-{last}, loss"
+                    f" {_fmt(snapshot.loss)}, grad norm {_fmt(snapshot.grad_norm_total)}; no"
+                    " monitored layer has run yet"
+                )
             )
         for alert in self._active.values():
-            self.console.print(f"  active: {escape(alert.message())}")
+            self.console.print(Text(f"  active: {alert.message()}"))
 
     def write_alert(self, alert: Alert) -> None:
         key = (alert.rule, alert.layer)
@@ -136,7 +148,7 @@ class ConsoleSink:
             self._active.pop(key, None)
         colour = {"info": "cyan", "warning": "yellow", "critical": "bold red"}[alert.severity]
         colour = "green" if alert.state == "resolved" else colour
-        self.console.print(f"[{colour}]actmon alert[/] {escape(alert.message())}")
+        self.console.print(Text.assemble(("actmon alert", colour), " ", alert.message()))
 
     def close(self) -> None:
         if self._last is not None and not self._printed_last:
