@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import string
 
 import yaml
 
@@ -56,11 +57,101 @@ _RUN_METRICS = {
 
 
 def glob_to_re2(glob: str) -> str:
-    """An fnmatch glob as an RE2 pattern (Prometheus anchors label regexes itself)."""
+    """An fnmatch glob (``fnmatchcase``: ``*``, ``?``, ``[a-c]``, ``[!x]``, everything else
+    literal) as an RE2 pattern for a label matcher; Prometheus anchors it itself.
+
+    Every ASCII punctuation character is backslash-escaped and control characters are written
+    ``\\xHH``, so the pattern means the same to RE2 and to Python's ``re`` (which the tests
+    check it against). It is a pattern, not yet a PromQL string: see :func:`promql_string`.
+    """
+    parts: list[str] = []
+    wild = False  # "." must match a newline as fnmatch's does: wrap in (?s:...)
+    i, n = 0, len(glob)
+    while i < n:
+        c = glob[i]
+        i += 1
+        if c == "*":
+            if not parts or parts[-1] != ".*":  # "**" is "*"
+                parts.append(".*")
+            wild = True
+        elif c == "?":
+            parts.append(".")
+            wild = True
+        elif c == "[" and (end := _class_end(glob, i)) is not None:
+            negate = glob[i] == "!"
+            cls = _re2_class(glob[i + negate : end], negate)
+            wild = wild or cls == "."
+            parts.append(cls)
+            i = end + 1
+        else:  # an unclosed "[" is a literal, as in fnmatch
+            parts.append(_re2_char(c))
+    body = "".join(parts)
+    return f"(?s:{body})" if wild else body
+
+
+def _class_end(glob: str, start: int) -> int | None:
+    """The index of the "]" closing the class opened just before ``start`` (fnmatch: a "]"
+    right after "[" or "[!" is a member), or None when it is never closed."""
+    j = start
+    if j < len(glob) and glob[j] == "!":
+        j += 1
+    if j < len(glob) and glob[j] == "]":
+        j += 1
+    end = glob.find("]", j)
+    return None if end < 0 else end
+
+
+def _re2_class(body: str, negate: bool) -> str:
+    """A bracket expression's members (``a``, ``a-z``; a reversed range is empty, a leading or
+    trailing "-" literal) as an RE2 character class."""
+    items: list[str] = []
+    p = 0
+    while p < len(body):
+        if p + 2 < len(body) and body[p + 1] == "-":
+            lo, hi = body[p], body[p + 2]
+            if lo <= hi:  # fnmatch drops reversed ranges
+                items.append(f"{_re2_char(lo)}-{_re2_char(hi)}")
+            p += 3
+        else:
+            items.append(_re2_char(body[p]))
+            p += 1
+    if not items:
+        return "." if negate else r"\b\B"  # any character / matches nothing
+    return f"[{'^' if negate else ''}{''.join(items)}]"
+
+
+def _re2_char(c: str) -> str:
+    """One character as a literal in RE2 (and Python ``re``), inside or outside a class."""
+    if c in string.punctuation:
+        return "\\" + c
+    if ord(c) < 0x20 or ord(c) == 0x7F:
+        return f"\\x{ord(c):02x}"
+    return c
+
+
+def promql_string(value: str) -> str:
+    """``value`` as a double-quoted PromQL string literal (Go string escapes)."""
     out = []
-    for ch in glob:
-        out.append(".*" if ch == "*" else "." if ch == "?" else re.escape(ch))
-    return "".join(out)
+    for c in value:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif c == "\n":
+            out.append("\\n")
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\x{ord(c):02x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
+_TEMPLATE_OPEN = re.compile(r"\{(?=\{|$)")
+
+
+def template_text(text: str) -> str:
+    """``text`` as literal text in a Go template (Prometheus expands labels and annotations):
+    a "{" that could open an action ("{{") is written as the action ``{{ "{" }}``, so any text
+    renders as itself and can never break the file."""
+    return _TEMPLATE_OPEN.sub('{{ "{" }}', text)
 
 
 DEFAULT_GRAFANA_URL = "http://localhost:3000"
@@ -98,13 +189,14 @@ def export_rules(
         entry: dict[str, object] = {
             "alert": f"actmon_{rule.name}",
             "expr": expr,
-            "labels": {"severity": rule.severity, "family": rule.metric},
+            # Labels and annotations are Go templates: every text from the config is escaped.
+            "labels": {"severity": rule.severity, "family": template_text(rule.metric)},
             "annotations": {
-                "summary": rule.summary or f"{rule.metric} {rule.op} {rule.threshold:g}",
+                "summary": template_text(rule.summary or _condition(rule)),
                 "description": _description(rule),
-                "runbook": rule.runbook,
+                "runbook": template_text(rule.runbook),
                 "dashboard": (_RUN_DASHBOARD if rule.run_level else _LAYER_DASHBOARD).format(
-                    base=base
+                    base=template_text(base)
                 ),
             },
         }
@@ -132,7 +224,7 @@ _FIRST_LAYER = (
 def _description(rule: Rule) -> str:
     """The alert's description; it names only labels its expression keeps (run-level
     expressions keep ``run``, per-layer ones ``run``, ``layer`` and ``kind``)."""
-    condition = f"{rule.metric} {rule.op} {rule.threshold:g}"
+    condition = template_text(_condition(rule))
     if rule.metric == "nonfinite_count":
         return f"run {{{{ $labels.run }}}}: NaN/Inf values{_FIRST_LAYER}"
     if rule.run_level:
@@ -141,6 +233,10 @@ def _description(rule: Rule) -> str:
         f"run {{{{ $labels.run }}}} layer {{{{ $labels.layer }}}}: {condition}"
         " (value {{ $value }})"
     )
+
+
+def _condition(rule: Rule) -> str:
+    return f"{rule.metric} {rule.op} {rule.threshold:g}"
 
 
 def _expr(rule: Rule, lookback: str) -> str | None:
@@ -153,12 +249,12 @@ def _expr(rule: Rule, lookback: str) -> str | None:
     matchers = []
     if rule.metric.startswith("quantile_"):
         name = "actmon_activation_quantile"
-        matchers.append(f'quantile="{rule.metric.removeprefix("quantile_")}"')
+        matchers.append(f"quantile={promql_string(rule.metric.removeprefix('quantile_'))}")
     if name is None:
         return None
     globs = rule.layers.globs
     if globs != ["*"]:
-        matchers.append(f'layer=~"{"|".join(glob_to_re2(g) for g in globs)}"')
+        matchers.append(f"layer=~{promql_string('|'.join(glob_to_re2(g) for g in globs))}")
     if rule.layers.kinds:  # by default the exporter only emits the metric where it applies
         matchers.append(f'kind=~"{"|".join(k.value for k in rule.layers.kinds)}"')
     selector = f"{name}{{{', '.join(matchers)}}}" if matchers else name

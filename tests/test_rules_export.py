@@ -200,3 +200,194 @@ def test_promtool_unit_tests_fire_every_exported_rule(tmp_path):
         [promtool, "test", "rules", str(test_file)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Globs that broke the file or matched the wrong layers: regex metacharacters, PromQL string
+# escapes, fnmatch classes (ranges, negation, "]" as a member, reversed ranges, unclosed "[").
+HOSTILE_GLOBS = [
+    "encoder.*",
+    "block[0-3].fc",
+    "block[!0-3].fc",
+    "a[]]b",
+    "a[!]]b",
+    "x[z-a]y",
+    "x[!z-a]y",
+    "unclosed[",
+    "q[-a]",
+    "r[a-]",
+    'quote"d\\back',
+    "brace{1,2}(group)|alt+$^",
+    "nl\nin\tname",
+    "uni-ï¿½-名前-🔥",
+    "{{ .Oops }}",
+    "pct%25#?",
+    "**",
+]
+HOSTILE_TEXT = [
+    "{{ broken",
+    "}} also {{ $labels.run ",
+    '{{ "x" }} {{{{',
+    "{{- trim -}}",
+    "ends with {",
+    '$value {{$value}} `raw` {{ template "t" }}',
+    'unicode 名前 "quoted" \\ back',
+]
+
+
+def _hostile_config():
+    from actmon.config import Config
+    from actmon.rules import Rule
+
+    rules = [
+        Rule(
+            name=f"g{i}",
+            metric="dead_fraction",
+            op=">",
+            threshold=0.5,
+            layers={"globs": [glob]},
+            summary=HOSTILE_TEXT[i % len(HOSTILE_TEXT)],
+            runbook=HOSTILE_TEXT[(i + 1) % len(HOSTILE_TEXT)],
+        )
+        for i, glob in enumerate(HOSTILE_GLOBS)
+    ]
+    rules.append(
+        Rule(
+            name='all "{{ x}} 名',
+            metric="std",
+            op=">",
+            threshold=1,
+            layers={"globs": HOSTILE_GLOBS[:6]},
+        )
+    )
+    rules.append(Rule(name="q", metric='quantile_0.9"} or vector(1) #', op=">", threshold=1))
+    rules += [
+        Rule(name=f"t{i}", metric="loss", op="<", threshold=t)
+        for i, t in enumerate((float("inf"), float("-inf"), float("nan"), 1e300))
+    ]
+    return Config(rules=rules, checks=False)
+
+
+def test_glob_translation_matches_fnmatch():
+    """The RE2 pattern means what fnmatchcase means (checked with Python's re, which reads the
+    pattern the same way: punctuation escaped, \\xHH, (?s:...)), on hostile and random globs."""
+    import fnmatch
+    import random
+    import re
+
+    from actmon.rules_export import glob_to_re2
+
+    rng = random.Random(0)
+    alphabet = "ab.-!]^[*?\\\n"
+    globs = [
+        *HOSTILE_GLOBS,
+        *("".join(rng.choices(alphabet, k=rng.randint(0, 7))) for _ in range(4000)),
+    ]
+    names = [
+        "encoder.0",
+        "encoderX0",
+        "block2.fc",
+        "block7.fc",
+        "a]b",
+        "acb",
+        "x-y",
+        "xzy",
+        "q-",
+        "qa",
+        "r-",
+        'quote"d\\back',
+        "nl\nin\tname",
+        "",
+        "a",
+        "b.",
+        "-",
+        "]",
+        "!",
+        "a\nb",
+        *("".join(rng.choices("ab.-!]^[\\\n", k=rng.randint(0, 5))) for _ in range(300)),
+    ]
+    for glob in globs:
+        pattern = re.compile(f"(?:{glob_to_re2(glob)})")
+        for name in names:
+            assert bool(pattern.fullmatch(name)) == fnmatch.fnmatchcase(name, glob), (glob, name)
+
+
+def test_hostile_globs_and_texts_export_a_valid_file_that_matches_as_fnmatch(tmp_path):
+    """promtool loads the whole file, every annotation renders as its literal text, and each
+    glob selects the layers fnmatch selects (promtool test rules, real RE2)."""
+    import fnmatch
+
+    from actmon.rules_export import export_yaml
+
+    promtool = require("promtool")
+    text, _ = export_yaml(_hostile_config(), step_seconds=1, scrape_interval=15)
+    path = tmp_path / "alerts.yml"
+    path.write_text(text)
+    check = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"SUCCESS: {len(HOSTILE_GLOBS) + 6} rules found" in check.stdout
+
+    names = [
+        "encoder.0",
+        "encoderX0",
+        "encoder.",
+        "block2.fc",
+        "block7.fc",
+        "a]b",
+        "a!b",
+        "xzy",
+        "xqy",
+        "unclosed[",
+        "q-",
+        "qa",
+        "r-",
+        'quote"d\\back',
+        "brace{1,2}(group)|alt+$^",
+        "nl\nin\tname",
+        "uni-ï¿½-名前-🔥",
+        "{{ .Oops }}",
+        "pct%25#?",
+        "other",
+    ]
+
+    def labels(name: str) -> str:
+        from actmon.rules_export import promql_string
+
+        return f'actmon_dead_fraction{{run="r", kind="relu", layer={promql_string(name)}}}'
+
+    doc = yaml.safe_load(text)
+    rules = {r["alert"]: r for r in doc["groups"][0]["rules"]}
+    tests = []
+    for i, glob in enumerate(HOSTILE_GLOBS):
+        rule = rules[f"actmon_g{i}"]
+        summary, runbook = HOSTILE_TEXT[i % 7], HOSTILE_TEXT[(i + 1) % 7]
+        expected = []
+        for name in names:
+            if fnmatch.fnmatchcase(name, glob):
+                exp_labels = {"run": "r", "kind": "relu", "layer": name, "severity": "warning"}
+                exp_labels["family"] = "dead_fraction"
+                annotations = {
+                    "summary": summary,
+                    "runbook": runbook,
+                    "description": f"run r layer {name}: dead_fraction > 0.5 (value 0.9)",
+                    "dashboard": _dashboard({"run": "r", "layer": name}),
+                }
+                expected.append({"exp_labels": exp_labels, "exp_annotations": annotations})
+        assert expected or glob in ("x[z-a]y",), glob  # each glob but the empty class matches
+        tests.append({"eval_time": "1m", "alertname": rule["alert"], "exp_alerts": expected})
+    spec = {
+        "rule_files": [str(path)],
+        "evaluation_interval": "15s",
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": [{"series": labels(n), "values": "0.9x10"} for n in names],
+                "alert_rule_test": tests,
+            }
+        ],
+    }
+    test_file = tmp_path / "tests.yml"
+    test_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    result = subprocess.run(
+        [promtool, "test", "rules", str(test_file)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
