@@ -34,7 +34,7 @@ from actmon import stats
 from actmon.aggregate import Aggregator
 from actmon.config import Config
 from actmon.distributed import has_dtensor, local_tensors
-from actmon.errors import ConfigError, HookError
+from actmon.errors import ConfigError, HookError, MonitorStateError
 from actmon.functional import FunctionalCapture
 from actmon.kinds import BOUNDED_KINDS, Kind, KindInfo, classify, with_kind
 from actmon.snapshot import LayerInfo
@@ -124,7 +124,20 @@ def strip_wrapper_prefix(name: str, model: nn.Module) -> str:
 
 
 def select_layers(model: nn.Module, config: Config) -> list[Layer]:
-    """Every leaf module matching include/exclude, classified, with config overrides applied."""
+    """Every leaf module matching include/exclude, classified, with config overrides applied.
+
+    Raises MonitorStateError for a model whose lazy modules have not made their weights yet
+    (no hook can be put on an uninitialised parameter).
+    """
+    for name, param in model.named_parameters():
+        if isinstance(param, nn.parameter.UninitializedParameter):
+            owner = name.rpartition(".")[0]
+            kind = type(model.get_submodule(owner)).__name__
+            raise MonitorStateError(
+                f"watch(): parameter {strip_wrapper_prefix(name, model)!r} ({kind}) is not"
+                " initialised yet; run one forward pass (model(example_batch)) before watch(),"
+                " so that lazy modules create their weights"
+            )
     layers: list[Layer] = []
     for name, module in named_modules(model):
         if any(True for _ in module.children()):

@@ -150,10 +150,17 @@ class Monitor:
         if not self.config.gradients.histogram:
             self._aggregator.skip_parts = ("grad_hist",)
         if self.config.checks:
-            self._pending_alerts.extend(attach_checks(model, loss_fn is not None))
+            self._pending_alerts.extend(
+                attach_checks(model, loss_fn is not None, self._record_error)
+            )
             if loss_fn is not None:
                 self._loss_hook = loss_fn.register_forward_pre_hook(
-                    loss_input_check(loss_fn, self._pending_alerts.append, lambda: self._step + 1)
+                    loss_input_check(
+                        loss_fn,
+                        self._pending_alerts.append,
+                        lambda: self._step + 1,
+                        self._record_error,
+                    )
                 )
         self._nonfinite = NonFiniteAttribution(
             self.config.escalate_on_nonfinite, logs=dist is None or dist.exports

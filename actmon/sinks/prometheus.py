@@ -446,9 +446,7 @@ def bounded(value: str) -> str:
     return f"{value[: MAX_LABEL - 10]}…{digest}"
 
 
-def _histogram_family(
-    run: str, layers: list[tuple[str, str, np.ndarray]]
-) -> HistogramMetricFamily:
+def _histogram_family(run: str, layers: list[tuple[str, str, np.ndarray]]) -> HistogramMetricFamily:
     """``actmon_activation`` histograms (fixed buckets, counters over the run) per layer."""
     family = HistogramMetricFamily(
         "actmon_activation",
