@@ -24,7 +24,9 @@ import functools
 import json
 import math
 import os
+import re
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,21 @@ class StoreError(ActmonError):
     """A run store cannot be read: missing, corrupt, or written by another schema version."""
 
 
+# The objects a store may hold: SCHEMA's tables and indexes, SQLite's own indexes for their keys
+# and its statistics tables. A view, trigger or virtual table (say, ``metrics`` replaced by a
+# ``WITH RECURSIVE`` view that never ends) is refused before any query reads it.
+_SCHEMA_OBJECTS = {
+    name: kind.lower()
+    for kind, name in re.findall(
+        r"CREATE\s+(?:UNIQUE\s+)?(TABLE|INDEX)\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)", SCHEMA, re.I
+    )
+}
+_SQLITE_TABLES = frozenset({"sqlite_sequence", "sqlite_stat1", "sqlite_stat4"})
+# Every query is stopped after this long (a SQLite progress handler), so no crafted store can
+# hang a reader; the largest real stores answer each query in well under a second.
+QUERY_SECONDS = 30.0
+
+
 @dataclass(frozen=True)
 class RunInfo:
     run: str
@@ -118,7 +135,7 @@ def _decoded(method: Callable[..., T]) -> Callable[..., T]:
     def wrapper(self: RunStore, *args: Any, **kwargs: Any) -> T:
         try:
             return method(self, *args, **kwargs)
-        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError, RecursionError) as exc:
             raise StoreError(
                 f"run store {str(self.path)!r} holds a corrupt row ({type(exc).__name__}: {exc})"
             ) from None
@@ -127,21 +144,40 @@ def _decoded(method: Callable[..., T]) -> Callable[..., T]:
 
 
 class RunStore:
-    """Read access to one store file. Plain Python / numpy results, no pandas."""
+    """Read access to one store file. Plain Python / numpy results, no pandas.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    The file is opened read-only, its schema must be SCHEMA's tables (nothing else), and each
+    query stops after ``query_seconds``: a damaged or crafted store is a StoreError, never a
+    hang.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], query_seconds: float = QUERY_SECONDS) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise StoreError(f"run store {str(self.path)!r} does not exist")
-        self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0)
+        self._query_seconds = query_seconds
+        self._deadline = math.inf
+        self._timed_out = False
         try:
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            version = None if row is None else int(row[0])
-        except (sqlite3.DatabaseError, UnicodeDecodeError, ValueError, TypeError) as exc:
+            # The path is percent-quoted into the URI: a "#", "?" or "%" in a file name would
+            # otherwise end the path (mode=ro lost, another file opened) or break the URI.
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, timeout=5.0)
+        except sqlite3.Error as exc:
+            raise StoreError(f"run store {str(self.path)!r} cannot be opened: {exc}") from None
+        self._db.set_progress_handler(self._over_time, 10_000)
+        try:
+            self._check_schema()
+            rows = self._query("SELECT value FROM meta WHERE key = 'schema_version'", opening=True)
+            version = None if not rows else int(rows[0][0])
+        except (ValueError, TypeError) as exc:
             self._db.close()
             raise StoreError(
                 f"{str(self.path)!r} is not a readable actmon run store ({exc})"
             ) from None
+        except StoreError:
+            self._db.close()
+            raise
         if version != SCHEMA_VERSION:
             self._db.close()
             found = "none" if version is None else version
@@ -159,11 +195,54 @@ class RunStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
+    def _over_time(self) -> bool:
+        """SQLite's progress handler: True stops the running query."""
+        self._timed_out = time.monotonic() > self._deadline
+        return self._timed_out
+
+    def _query(self, sql: str, args: tuple[object, ...] = (), opening: bool = False) -> list[Any]:
+        self._deadline = time.monotonic() + self._query_seconds
         try:
             return self._db.execute(sql, args).fetchall()
         except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+            if self._timed_out:
+                raise StoreError(
+                    f"run store {str(self.path)!r}: a query ran over {self._query_seconds:g} s"
+                    " and was stopped (a damaged or crafted store?)"
+                ) from None
+            if opening:
+                raise StoreError(
+                    f"{str(self.path)!r} is not a readable actmon run store ({exc})"
+                ) from None
             raise StoreError(f"run store {str(self.path)!r} cannot be read: {exc}") from None
+        finally:
+            self._deadline = math.inf
+            self._timed_out = False
+
+    def _check_schema(self) -> None:
+        """Refuse a store holding anything but SCHEMA's tables and indexes."""
+        objects = self._query("SELECT type, name, tbl_name, sql FROM sqlite_master", opening=True)
+        tables = {name for name, kind in _SCHEMA_OBJECTS.items() if kind == "table"}
+        found = []
+        for kind, name, table, sql in objects:
+            if kind == "table" and (
+                name in _SQLITE_TABLES
+                or (name in tables and str(sql).upper().startswith("CREATE TABLE"))
+            ):
+                continue
+            if kind == "index" and table in tables:
+                named = _SCHEMA_OBJECTS.get(name) == "index"
+                if named or (sql is None and str(name).startswith("sqlite_autoindex_")):
+                    continue
+            virtual = " (virtual)" if str(sql).upper().startswith("CREATE VIRTUAL") else ""
+            found.append(f"{kind}{virtual} {_short(name)}")
+        if found:
+            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+            raise StoreError(
+                f"run store {str(self.path)!r} is not an actmon run store: its schema holds"
+                f" {', '.join(found[:5])}{more}; a run store holds only the tables"
+                f" {', '.join(sorted(tables))} (no views, triggers or other objects)"
+            )
 
     @_decoded
     def runs(self) -> list[RunInfo]:
@@ -264,6 +343,12 @@ class RunStore:
             counts[int(first) : int(first) + len(part)] = part  # ValueError if corrupt
             out.append((int(step), edges, counts))
         return out
+
+
+def _short(name: object, limit: int = 40) -> str:
+    """A name from the file, quoted and cut short (a crafted name can be huge)."""
+    text = repr(str(name))
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 
 def _alert_from_row(row: Any) -> StoredAlert:
