@@ -323,6 +323,11 @@ class Aggregator:
         self._calls.append((layer, nonfinite))
         self._count_forward(layer, numel, linear, softmax_rows)
 
+    def commit_empty(self, layer: int) -> None:
+        """Record a forward call with an empty batch: the layer ran (so it is listed in the
+        window) but added no element."""
+        self.host.calls[layer] += 1
+
     def _count_forward(
         self, layer: int, numel: int, linear: Tensor | None, softmax_rows: int
     ) -> None:

@@ -269,6 +269,7 @@ class Attacher:
         self._last_run: int | None = None
         self._sites: dict[str, Layer | None] = {}  # functional site -> layer (None: excluded)
         self._owed: set[int] = set()  # layers with reentrant-checkpoint recomputes owed
+        self._not_float_logged: set[int] = set()  # layers whose non-float output was logged
         self.functional: FunctionalCapture | None = None
         if config.functional:
             modules = [(n or ROOT_NAME, m) for n, m in named_modules(model)]
@@ -410,8 +411,13 @@ class Attacher:
             output.register_hook(hook)
 
     def _summarize_forward(self, layer: Layer, output: Tensor, args: Any) -> None:
+        if not output.is_floating_point():  # token ids, masks, indices: nothing to summarise
+            self._not_float(layer, output)
+            return
         x = stats.as_float32(output, f"layer {layer.name!r} output")
-        if x is None:
+        if x is None:  # an empty batch: the layer ran and is listed, with nothing counted
+            self.aggregator.commit_empty(layer.index)
+            self._last_run = layer.index
             return
         spec = layer.specs.get(x.dim())
         if spec is None:
@@ -438,6 +444,17 @@ class Attacher:
             rows = x.numel() // x.shape[spec.softmax_dim] if spec.softmax_dim is not None else 0
             agg.commit_forward(layer.index, x.numel(), hist, unit_max, linear, rows)
         self._after_forward(layer, output)
+
+    def _not_float(self, layer: Layer, output: Tensor) -> None:
+        """Leave a non-float output (int, bool, complex) out of the statistics; say so once
+        per layer (an output's dtype is known only once the layer has run)."""
+        if layer.index not in self._not_float_logged:
+            self._not_float_logged.add(layer.index)
+            log.info(
+                "actmon: layer %r outputs %s, not floating point; it is left out of the statistics",
+                layer.name,
+                output.dtype,
+            )
 
     def _spec_for(self, layer: Layer, output: Tensor, args: Any) -> stats.ActivationSpec:
         """Resolve the unit axis (override, module, producer, shape) and build the layer's spec."""

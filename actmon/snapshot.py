@@ -322,8 +322,12 @@ def _layer_stats(
     raw = data.act_hist[i]
     nan = int(raw[list(stats.NAN_BINS)].sum())
     pinf, ninf = int(raw[stats.POS_INF_BIN]), int(raw[stats.NEG_INF_BIN])
-    mean = total / count
-    variance = max(sumsq / count - mean * mean, 0.0)
+    # count 0: every call of the window had an empty batch; the layer is listed with NaN
+    # figures (no data: rules neither fire nor resolve on them) and zero counts.
+    mean = total / count if count else math.nan
+    variance = max(sumsq / count - mean * mean, 0.0) if count else math.nan
+    if not count:
+        vmin = vmax = math.nan
     kind = info.kind
     if kind in BOUNDED_KINDS and info.bounds is not None:
         counts = data.lin_hist[i][:-1].copy()
@@ -376,7 +380,7 @@ def _layer_stats(
         std=float(math.sqrt(variance)) if math.isfinite(variance) else math.nan,
         min=float(vmin),
         max=float(vmax),
-        zero_fraction=(count - int(nonzero)) / count,
+        zero_fraction=(count - int(nonzero)) / count if count else math.nan,
         nan_count=nan,
         posinf_count=pinf,
         neginf_count=ninf,
@@ -385,7 +389,9 @@ def _layer_stats(
         dead_fraction=dead_fraction,
         dead_fraction_batch=dead_batch,
         dormant_fraction=dormant,
-        saturation_fraction=float(saturated) / count if kind in SATURATING_KINDS else None,
+        saturation_fraction=(float(saturated) / count if count else math.nan)
+        if kind in SATURATING_KINDS
+        else None,
         softmax_max_prob=float(max_prob_sum) / rows if kind is Kind.SOFTMAX and rows else None,
         softmax_entropy=float(entropy_sum) / rows if kind is Kind.SOFTMAX and rows else None,
         quantiles=qs,

@@ -7,6 +7,7 @@ a check that fails is counted under ``(model check) <name>`` and logged once; wa
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import pytest
@@ -15,6 +16,7 @@ from torch import nn
 
 import actmon
 import actmon.checks
+import actmon.store
 
 NO_STORE = {"store": {"enabled": False}}
 
@@ -28,23 +30,41 @@ def _quiet(make):
     return build
 
 
-# name -> (model factory, input shape or None when torch itself cannot run the model)
+# name -> (model factory, input shape or None when torch itself cannot run the model,
+#          elements counted per layer in the step)
 MODELS = {
-    "Linear(0, 4)": (_quiet(lambda: nn.Sequential(nn.Linear(0, 4), nn.ReLU())), (3, 0)),
-    "Linear(4, 0)": (_quiet(lambda: nn.Sequential(nn.Linear(4, 0), nn.ReLU())), (3, 4)),
+    "Linear(0, 4)": (
+        _quiet(lambda: nn.Sequential(nn.Linear(0, 4), nn.ReLU())),
+        (3, 0),
+        {"0": 12, "1": 12},
+    ),
+    "Linear(4, 0)": (  # zero-width outputs: listed, nothing counted
+        _quiet(lambda: nn.Sequential(nn.Linear(4, 0), nn.ReLU())),
+        (3, 4),
+        {"0": 0, "1": 0},
+    ),
     # torch's conv2d refuses a weight with 0 output channels: watch() and close() only
-    "Conv2d(3, 0, 3)": (_quiet(lambda: nn.Sequential(nn.Conv2d(3, 0, 3), nn.ReLU())), None),
-    "Linear(1, 1)": (lambda: nn.Sequential(nn.Linear(1, 1), nn.Tanh()), (3, 1)),  # no std
+    "Conv2d(3, 0, 3)": (
+        _quiet(lambda: nn.Sequential(nn.Conv2d(3, 0, 3), nn.ReLU())),
+        None,
+        {},
+    ),
+    "Linear(1, 1)": (  # one weight: no std to compare with an init scale
+        lambda: nn.Sequential(nn.Linear(1, 1), nn.Tanh()),
+        (3, 1),
+        {"0": 3, "1": 3},
+    ),
     "Linear(0, 4) then Linear(4, 2)": (
         _quiet(lambda: nn.Sequential(nn.Linear(0, 4), nn.ReLU(), nn.Linear(4, 2), nn.Sigmoid())),
         (3, 0),
+        {"0": 12, "1": 12, "2": 6, "3": 6},
     ),
 }
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_zero_width_and_tiny_layers_watch_and_train(name):
-    make, shape = MODELS[name]
+    make, shape, counts = MODELS[name]
     model = make()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with actmon.watch(model, opt, log_every=1, sample_every=1, sinks=NO_STORE) as monitor:
@@ -57,6 +77,7 @@ def test_zero_width_and_tiny_layers_watch_and_train(name):
             snap = monitor.step(loss=loss)
             assert snap is not None
             assert snap.loss == pytest.approx(float(loss.detach()))
+            assert {k: v.count for k, v in snap.layers.items()} == counts
     assert monitor.errors == {}
     assert [a.rule for a in monitor.alerts if a.rule == "init_mismatch"] == []
 
@@ -158,3 +179,116 @@ def test_a_lazy_model_is_refused_until_its_weights_exist():
         snap = monitor.step()
     assert snap.layers["0"].count == 8
     assert monitor.errors == {}
+
+
+class Argmax(nn.Module):
+    """Token indices for an Embedding: an int64 output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.argmax(-1)
+
+
+class Positive(nn.Module):
+    """A bool mask."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x > 0
+
+
+class Quantised(nn.Module):
+    """A uint8 image-like output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.clamp(0, 1) * 255).to(torch.uint8)
+
+
+class Picker(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.act = nn.Linear(4, 4), nn.ReLU()
+        self.index, self.emb = Argmax(), nn.Embedding(4, 3)
+        self.mask, self.image = Positive(), Quantised()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.lin(x))
+        keep = self.mask(h)
+        self.image(h)
+        return self.emb(self.index(h)).sum() + (h * keep).sum()
+
+
+def test_non_float_outputs_are_left_out_quietly(caplog):
+    """int, bool and uint8 outputs are no internal error and do not disable anything: one INFO
+    line per layer the first time, and the float layers' figures are those of a reference."""
+    model = Picker()
+    embedded: list[torch.Tensor] = []
+    model.emb.register_forward_hook(lambda m, a, out: embedded.append(out.detach().clone()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with (
+        caplog.at_level(logging.INFO, logger="actmon"),
+        actmon.watch(
+            model, opt, log_every=2, sample_every=1, strict=True, sinks=NO_STORE
+        ) as monitor,
+    ):
+        for _ in range(4):
+            model(torch.randn(5, 4)).backward()
+            opt.step()
+            opt.zero_grad()
+            monitor.step()
+    assert monitor.errors == {}
+    snap = monitor.snapshot()
+    assert list(snap.layers) == ["lin", "act", "emb"]
+    emb = torch.cat(embedded[2:]).double()
+    assert snap.layers["emb"].count == emb.numel() == 30
+    assert snap.layers["emb"].mean == pytest.approx(float(emb.mean()), rel=1e-6)
+    assert snap.layers["emb"].calls == 2
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert messages == [
+        (
+            logging.INFO,
+            f"actmon: layer {name!r} outputs {dtype}, not floating point; it is left out of the"
+            " statistics",
+        )
+        for name, dtype in (
+            ("mask", "torch.bool"),
+            ("image", "torch.uint8"),
+            ("index", "torch.int64"),
+        )
+    ]
+
+
+def test_an_empty_batch_keeps_its_layers_with_zero_counts():
+    """A window of empty batches lists every layer that ran, with count 0 and NaN figures that
+    no default rule reads as a fault; a window mixing empty and full batches counts the full."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3), nn.Sigmoid())
+    seen: list[torch.Tensor] = []
+    model[1].register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snaps = []
+    with actmon.watch(model, opt, log_every=2, sample_every=1, strict=True) as monitor:
+        for batch in (0, 0, 3, 0, 0, 0):
+            loss = model(torch.randn(batch, 4)).sum()  # an empty sum is 0: a finite loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            snap = monitor.step(loss=loss)
+            if snap is not None:
+                snaps.append(snap)
+    assert monitor.errors == {}
+    assert monitor.alerts == []
+    names = ["0", "1", "2", "3"]
+    for snap in (snaps[0], snaps[2]):
+        assert list(snap.layers) == names
+        for stats in snap.layers.values():
+            assert (stats.count, stats.calls, stats.as_of_step) == (0, 2, snap.step)
+            assert all(math.isnan(v) for v in (stats.mean, stats.std, stats.min, stats.max))
+            assert math.isnan(stats.zero_fraction)
+            assert stats.dead_fraction is None  # no unit was seen: not "every unit dead"
+            assert stats.nan_count == stats.posinf_count == stats.neginf_count == 0
+        assert math.isnan(snap.layers["3"].saturation_fraction)
+    relu = snaps[1].layers["1"]
+    assert (relu.count, relu.calls, relu.sampled_steps) == (18, 2, 1)
+    assert relu.mean == pytest.approx(float(seen[2].double().mean()), rel=1e-6)
+    assert relu.dead_fraction == float((seen[2].amax(0) <= 0).double().mean())
+    with actmon.store.open(monitor.sinks["store"].path) as db:
+        assert [w.step for w in db.windows()] == [2, 4, 6]
+        assert db.series("count", "1") == [(2, 0.0), (4, 18.0), (6, 0.0)]

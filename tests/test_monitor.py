@@ -448,15 +448,17 @@ def test_watch_twice_is_a_clear_error():
     actmon.watch(model).close()  # after close it can be watched again
 
 
-class IntOutput(nn.Module):
+class SparseOutput(nn.Module):
+    """An output no kernel takes (int outputs are skipped quietly: tests/test_legal_models.py)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.argmax(dim=-1)
+        return x.detach().to_sparse()
 
 
 class Passthrough(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.lin, self.idx = nn.Linear(20, 4), IntOutput()
+        self.lin, self.idx = nn.Linear(20, 4), SparseOutput()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.idx(x)
@@ -475,14 +477,14 @@ def test_hook_failure_is_contained_counted_and_logged_once(caplog):
     assert monitor.internal_errors_total == 1
     messages = [r.getMessage() for r in caplog.records if "idx" in r.getMessage()]
     assert len(messages) == 1
-    assert "dtype torch.int64" in messages[0]
+    assert "layout torch.sparse_coo" in messages[0]
     assert monitor.snapshot().layers["lin"].calls == 2  # the other layer kept going
 
 
 def test_strict_raises_hook_error():
     model = Passthrough()
     monitor = actmon.watch(model, strict=True)
-    with pytest.raises(HookError, match=r"layer 'idx' output has dtype torch.int64"):
+    with pytest.raises(HookError, match=r"layer 'idx' output has layout torch.sparse_coo"):
         model(torch.randn(3, 20))
     monitor.close()
 
