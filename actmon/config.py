@@ -162,7 +162,8 @@ class GateConfig(_Strict):
 class Config(_Strict):
     """Everything a monitor can be told. Defaults are chosen to stay on during real training."""
 
-    run_name: str | None = None  # default: "actmon-<UTC timestamp>"
+    # default: "actmon-<UTC date>-<time>-<ms>"; a name its store already holds gets "-2", ...
+    run_name: str | None = None
     log_every: int = Field(20, ge=1)  # steps per window; one device-to-host copy per window
     # Full statistics on the first step of every window and then every n-th step of it; 1 =
     # every step ("full coverage"). Every window so holds every layer's figures; with n >=

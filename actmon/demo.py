@@ -116,10 +116,11 @@ def run_demo(
     y = torch.tensor(digits.target, dtype=torch.int64)
     gen = torch.Generator().manual_seed(0)
     run = f"demo-{scenario}"
-    base = Path(out) / run
+    # Under out/<run>: a re-run claims demo-<scenario>-2, ... and keeps the earlier runs.
+    template = Path(str(out).replace("{", "{{").replace("}", "}}")) / "{run}"
     sinks = {
-        "store": {"enabled": True, "path": str(base / "actmon.db")},
-        "tensorboard": {"enabled": True, "log_dir": str(base / "tensorboard")},
+        "store": {"enabled": True, "path": str(template / "actmon.db")},
+        "tensorboard": {"enabled": True, "log_dir": str(template / "tensorboard")},
         "prometheus": {"enabled": True, "port": 0},
         "console": {"enabled": False},  # the full table below instead of the compact view
     }
@@ -136,6 +137,7 @@ def run_demo(
         run_name=run,
         sinks=sinks,
     )
+    base = Path(out) / monitor.run
     console.print(
         f"actmon demo [bold]{scenario}[/]: {steps} steps on digits; Prometheus at"
         f" {monitor.prometheus_url}"

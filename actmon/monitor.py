@@ -15,13 +15,13 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from actmon import distributed
+from actmon import distributed, lifecycle
 from actmon.aggregate import Aggregator
 from actmon.attach import Attacher, Layer, select_layers
 from actmon.checks import attach_checks, loss_input_check
@@ -32,6 +32,7 @@ from actmon.rules import Alert, AlertError, RuleEngine
 from actmon.sinks import Sink
 from actmon.sinks.build import build_sinks
 from actmon.sinks.runner import SinkRunner
+from actmon.sinks.store import claim_run
 from actmon.snapshot import LayerInfo, LayerStats, NonFinite, Snapshot, build_snapshot
 
 log = logging.getLogger("actmon")
@@ -60,14 +61,10 @@ class Monitor:
                 " before calling watch() again"
             )
         self.config: Config = load_config(config, **overrides)
-        self.run = self.config.run_name or datetime.now(timezone.utc).strftime(
-            "actmon-%Y%m%d-%H%M%S"
-        )
-        # torch.distributed: which rank exports what (None in a single process). Every rank
-        # takes rank 0's run name, so their exports line up (one broadcast, here only).
+        # The name asked for; the run's own (unique) name is claimed before the sinks start.
+        self.run = self.config.run_name or lifecycle.default_run_name()
+        # torch.distributed: which rank exports what (None in a single process).
         self._dist = distributed.context(self.config.distributed, process_group)
-        if self._dist is not None:
-            self.run = self._dist.same_on_all_ranks(self.run)
         optimizers = [
             _unwrap(opt)
             for opt in (
@@ -114,6 +111,7 @@ class Monitor:
         self._loss_hook = None
         self._runners: list[SinkRunner] = []
         dist = self._dist
+        store_path, without = self._claim_run()
         if dist is None or dist.exports:  # reduce mode: rank 0 alone runs sinks
             named = build_sinks(
                 self.config,
@@ -122,6 +120,8 @@ class Monitor:
                 self._record_sink_error,
                 rank=None if dist is None else dist.label,
                 local_rank=0 if dist is None else dist.local_rank,
+                store_path=store_path,
+                without=without,
             )
             named += [(type(sink).__name__, sink) for sink in self._user_sinks]
             for name, sink in named:
@@ -284,6 +284,7 @@ class Monitor:
             model = self._model_ref()
             if model is not None:
                 _WATCHED.discard(model)
+            lifecycle.release(self.run)
             for runner in self._runners:
                 if hasattr(runner.sink, "status"):
                     runner.sink.status = status
@@ -296,6 +297,45 @@ class Monitor:
         self.close("finished" if exc_type is None else "failed")
 
     # ---- internals -----------------------------------------------------------------------
+    def _claim_run(self) -> tuple[Path | None, tuple[str, ...]]:
+        """Make ``self.run`` this run's own name, and say where it goes (one INFO line).
+
+        Rank 0 (or the only process) claims it in its run store: the name asked for, else
+        ``name-2``, ``name-3``, ... (taken by another run in that store, or by another open
+        monitor of this process). Every rank takes rank 0's name (one broadcast), so their
+        exports line up. Returns the claimed store path (None: no store, or not claimed here)
+        and the sinks to leave out (the store, when its claim failed).
+        """
+        asked, dist, store = self.run, self._dist, self.config.sinks.store
+        path: Path | None = None
+        without: tuple[str, ...] = ()
+        if dist is None or dist.rank == 0:
+            if store.enabled:
+                try:
+                    self.run, path = claim_run(
+                        store.path,
+                        asked,
+                        None if dist is None else dist.label,
+                        self.config.model_dump_json(),
+                        store.busy_timeout_seconds,
+                        available=lifecycle.name_free,
+                    )
+                    lifecycle.reserve(self.run)
+                except Exception as exc:  # an unwritable directory: train without the store
+                    self._record_sink_error("store", exc)
+                    without = ("store",)
+            if path is None:
+                self.run = lifecycle.reserve_unique(asked)
+        if dist is not None:
+            self.run = dist.same_on_all_ranks(self.run)
+            if dist.rank != 0:
+                lifecycle.reserve(self.run)
+        if path is not None or dist is None or dist.rank == 0:
+            taken = "" if self.run == asked else f" ({asked!r} was taken)"
+            where = f"store {path}" if path is not None else "no run store"
+            log.info("actmon: run %s%s, %s", self.run, taken, where)
+        return path, without
+
     def _is_sampled(self) -> bool:
         """Whether the coming step takes full statistics.
 

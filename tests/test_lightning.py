@@ -191,3 +191,22 @@ def test_two_optimizers_count_one_step_per_batch(tmp_path):
     assert snap.params["a.0.weight"].grad_norm > 0  # both optimizers' parameters are covered
     assert snap.params["b.weight"].grad_norm > 0
     assert monitor.internal_errors_total == 0
+
+
+def test_lightning_runs_in_different_directories_do_not_collide(tmp_path):
+    """Both loggers are net/version_0 (in different directories), and both runs go to one store
+    under the working directory: the second claims net-version_0-2, the first is kept."""
+    runs = []
+    for where in ("a", "b"):
+        callback = ActmonCallback(log_every=4, sinks={"store": {"path": "runs/all.db"}})
+        _trainer(tmp_path / where, callback, max_epochs=1).fit(Net(), _loader())
+        assert callback.monitor is not None
+        runs.append(callback.monitor.run)
+    assert runs == ["net-version_0", "net-version_0-2"]
+    with store.open("runs/all.db") as db:
+        assert [(info.run, info.status) for info in db.runs()] == [
+            ("net-version_0", "finished"),
+            ("net-version_0-2", "finished"),
+        ]
+        assert [w.step for w in db.windows("net-version_0")] == [4, 8]
+        assert [w.step for w in db.windows("net-version_0-2")] == [4, 8]

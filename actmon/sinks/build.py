@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from actmon.config import Config
@@ -19,6 +19,8 @@ def build_sinks(
     on_error: Callable[[str, BaseException], None],
     rank: int | None = None,
     local_rank: int = 0,
+    store_path: Path | None = None,
+    without: Collection[str] = (),
 ) -> list[tuple[str, Sink]]:
     """(name, sink) for every enabled sink that could start, in the order they receive windows.
 
@@ -29,18 +31,24 @@ def build_sinks(
     and TensorBoard paths get a ``rank<N>`` directory (unless they hold ``{rank}``), Prometheus
     series a ``rank`` label, the endpoint port is offset by ``local_rank`` (ranks sharing a
     machine), and only rank 0 shows the console view.
+
+    ``store_path``: where ``run`` was claimed (:func:`actmon.sinks.store.claim_run`); None: the
+    store sink claims exactly ``run`` itself (a rank joining rank 0's run). ``without``: sinks
+    left out (one whose start already failed and was reported).
     """
     cfg = config.sinks
     makers: list[tuple[str, Callable[[], Sink]]] = []
-    if cfg.store.enabled:
+    if cfg.store.enabled and "store" not in without:
 
         def store() -> Sink:
-            from actmon.sinks.store import StoreSink
+            from actmon.sinks.store import StoreSink, claim_run
 
-            path = rank_path(cfg.store.path, run, rank, directory=False)
-            return StoreSink(
-                path, run, config.model_dump_json(), layers, cfg.store.busy_timeout_seconds
-            )
+            path = store_path
+            config_json = config.model_dump_json()
+            timeout = cfg.store.busy_timeout_seconds
+            if path is None:
+                _, path = claim_run(cfg.store.path, run, rank, config_json, timeout, exact=True)
+            return StoreSink(path, run, config_json, layers, timeout)
 
         makers.append(("store", store))
     if cfg.prometheus.enabled:

@@ -1,11 +1,14 @@
 """The run store sink: writes each window into the run's SQLite file (see ``actmon.store``).
 
-It runs on its SinkRunner's thread, so the connection is opened there, at the first write.
+A run's name is claimed in its store at ``watch()`` (:func:`claim_run`), so no run ever writes
+over or into another one's rows. The sink runs on its SinkRunner's thread, so its connection
+is opened there, at the first write.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -14,8 +17,98 @@ from pathlib import Path
 import numpy as np
 
 from actmon.rules import Alert
+from actmon.sinks.build import rank_path
 from actmon.snapshot import LayerInfo, Snapshot
-from actmon.store import SCHEMA, SCHEMA_VERSION
+from actmon.store import SCHEMA, SCHEMA_VERSION, StoreError
+
+log = logging.getLogger("actmon")
+
+_MAX_CLAIMS = 10_000  # name, name-2, ... name-10000: beyond that something else is wrong
+
+
+def claim_run(
+    template: str,
+    base: str,
+    rank: int | None,
+    config_json: str,
+    busy_timeout: float = 5.0,
+    available: Callable[[str], bool] = lambda name: True,
+    exact: bool = False,
+) -> tuple[str, Path]:
+    """Claim a run name in its store: ``base``, else ``base-2``, ``base-3``, ... (the first one
+    no run in its store file holds and ``available`` accepts). Returns the name and the path.
+
+    Each claim is one ``BEGIN IMMEDIATE`` transaction (check, then insert the ``running`` row),
+    so two monitors in one process or two processes racing for a name get distinct ones.
+    ``exact``: only ``base`` will do (a rank joining rank 0's run); StoreError when taken.
+    """
+    started = time.time()
+    for n in range(1, _MAX_CLAIMS + 1):
+        name = base if n == 1 else f"{base}-{n}"
+        if not available(name):
+            continue
+        path = Path(rank_path(template, name, rank, directory=False))
+        if _claim(path, name, started, config_json, busy_timeout):
+            return name, path
+        if exact:
+            raise StoreError(f"run {name!r} is already in {str(path)!r}; it is left as it is")
+    raise StoreError(f"run names {base!r} to {base!r}-{_MAX_CLAIMS} are all taken")
+
+
+def _claim(path: Path, run: str, started: float, config_json: str, busy_timeout: float) -> bool:
+    """Insert ``run``'s ``running`` row unless the store already holds that run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    try:
+        _prepare(db)
+        db.execute("BEGIN IMMEDIATE")  # the write lock first: check and insert are one step
+        try:
+            if db.execute("SELECT 1 FROM runs WHERE run = ?", (run,)).fetchone() is not None:
+                return False
+            db.execute(
+                "INSERT INTO runs (run, started, ended, status, config_json, model_json)"
+                " VALUES (?, ?, NULL, 'running', ?, '[]')",
+                (run, started, config_json),
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return True
+    finally:
+        db.close()
+
+
+def _prepare(db: sqlite3.Connection) -> None:
+    """WAL mode and the schema, created in one transaction (processes may race to create it).
+
+    ``db`` is in autocommit mode (``isolation_level=None``)."""
+    for attempt in range(50):  # switching to WAL can answer "locked" without waiting
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError:
+            if attempt == 49:
+                raise
+            time.sleep(0.02)
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif str(row[0]) != str(SCHEMA_VERSION):
+            raise StoreError(
+                f"the run store has schema version {row[0]}; this actmon writes version"
+                f" {SCHEMA_VERSION}: give the run another store path"
+            )
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 class StoreSink:
@@ -44,28 +137,19 @@ class StoreSink:
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=self._busy_timeout)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(SCHEMA)
-            with db:
+            db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
+            try:
+                _prepare(db)  # the file may have been removed since the claim
+                # The run was claimed at watch(); only a store recreated since lacks its row.
                 db.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-                for table in (
-                    "layers",
-                    "windows",
-                    "metrics",
-                    "histograms",
-                    "histogram_edges",
-                    "alerts",
-                ):  # a re-run with the same name replaces the old one
-                    db.execute(f"DELETE FROM {table} WHERE run = ?", (self.run,))
-                db.execute(
-                    "INSERT OR REPLACE INTO runs VALUES (?, ?, NULL, 'running', ?, '[]')",
+                    "INSERT OR IGNORE INTO runs (run, started, ended, status, config_json,"
+                    " model_json) VALUES (?, ?, NULL, 'running', ?, '[]')",
                     (self.run, self._started, self._config_json),
                 )
+            except BaseException:
+                db.close()
+                raise
+            db.isolation_level = "DEFERRED"  # from here on, `with db:` is one transaction
             self._db = db
         return self._db
 
