@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import reprlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,14 @@ from actmon.kinds import Kind
 from actmon.rules import DEFAULT_RULES, Rule
 
 ENV_VAR = "ACTMON_CONFIG"
+
+# Bounds on a config file, so no YAML input can hang or exhaust the process: its size, its
+# nesting depth and the number of nodes it holds once aliases are expanded (a "billion laughs"
+# document is a few hundred bytes that expand to 10**9 nodes). A real config is a few hundred
+# nodes, 4 levels deep; a kinds map for 10,000 layers is 20,000 nodes.
+MAX_YAML_CHARS = 1_000_000
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000
 
 
 class _Strict(BaseModel):
@@ -241,16 +250,84 @@ def load_config(
     return _validate(merged, " and ".join(origin for origin, _ in layers) or "defaults")
 
 
+class _YamlLimit(Exception):
+    """A document over one of the bounds above."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses deep nesting while it composes (before Python's
+    recursion limit) and documents whose aliases expand past MAX_YAML_NODES nodes, before
+    any object is built."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _YamlLimit(f"it nests deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_nodes(node, {}, set())
+        return node
+
+
+def _expanded_nodes(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many nodes ``node`` is once aliases are copied out (each distinct node is counted
+    once, so this is linear in the document); raises _YamlLimit past MAX_YAML_NODES or on an
+    alias that contains itself. Recursion is bounded by MAX_YAML_DEPTH."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise _YamlLimit("an alias refers to a node that contains it (a recursive document)")
+    open_.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children: list[yaml.Node] = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = []
+    for child in children:
+        total += _expanded_nodes(child, sizes, open_)
+        if total > MAX_YAML_NODES:
+            raise _YamlLimit(
+                f"its aliases expand it to more than {MAX_YAML_NODES:,} nodes (a YAML bomb?)"
+            )
+    open_.discard(key)
+    sizes[key] = total
+    return total
+
+
 def _read_yaml(path: Path) -> tuple[str, dict[str, Any]]:
     origin = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8") as fh:
+            text = fh.read(MAX_YAML_CHARS + 1)
     except FileNotFoundError:
         raise ConfigError(f"config file {origin!r} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"config file {origin!r} cannot be read: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {origin!r} is not UTF-8 text: {exc}") from None
+    if len(text) > MAX_YAML_CHARS:
+        raise ConfigError(
+            f"config file {origin!r} is refused: it is over {MAX_YAML_CHARS:,} characters"
+        )
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: no python tags
+    except _YamlLimit as exc:
+        raise ConfigError(f"config file {origin!r} is refused: {exc}") from None
+    except RecursionError:  # a bound above should come first; never a traceback
+        raise ConfigError(f"config file {origin!r} is refused: it nests too deeply") from None
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
@@ -297,9 +374,18 @@ def _validate(data: dict[str, Any], origin: str) -> Config:
         raise ConfigError(_describe(exc, origin)) from None
 
 
+# A field's value in an error message: short, however large the value is (reprlib does not
+# build the whole repr first).
+_VALUE = reprlib.Repr()
+_VALUE.maxlevel, _VALUE.maxlist, _VALUE.maxdict, _VALUE.maxtuple = 3, 10, 10, 10
+_VALUE.maxstring, _VALUE.maxother, _VALUE.maxlong = 120, 120, 60
+_MAX_ERRORS = 10  # lines of field errors in one message
+
+
 def _describe(exc: ValidationError, origin: str) -> str:
     lines = [f"invalid actmon config in {origin}:"]
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:_MAX_ERRORS]:
         path = ".".join(str(part) for part in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden":
             allowed = _allowed_fields(err["loc"][:-1])
@@ -310,7 +396,9 @@ def _describe(exc: ValidationError, origin: str) -> str:
             )
             continue
         message = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  field {path!r}: got {err.get('input')!r}; {message}")
+        lines.append(f"  field {path!r}: got {_VALUE.repr(err.get('input'))}; {message}")
+    if len(errors) > _MAX_ERRORS:
+        lines.append(f"  ... and {len(errors) - _MAX_ERRORS:,} more errors")
     return "\n".join(lines)
 
 
