@@ -261,8 +261,6 @@ class Attacher:
         self._deferred = False
         self._param_index_cache: dict[tuple[int, ...], Tensor] = {}
         self._optimizer_cache: dict[tuple[int, int, int], list[tuple[int, Tensor]]] = {}
-        for layer in layers:
-            self._handles.append(layer.module.register_forward_hook(self._make_forward_hook(layer)))
         # Display order: a functional layer goes right after the layer that ran before it.
         self.order: list[int] = [layer.index for layer in layers]
         self.on_new_layer: Callable[[], None] = lambda: None  # the monitor refreshes its rules
@@ -271,7 +269,18 @@ class Attacher:
         self._owed: set[int] = set()  # layers with reentrant-checkpoint recomputes owed
         self._not_float_logged: set[int] = set()  # layers whose non-float output was logged
         self.functional: FunctionalCapture | None = None
-        if config.functional:
+        try:
+            self._register(model)
+        except BaseException:  # e.g. an optimizer without step hooks: take out what went in
+            self.remove()
+            raise
+
+    def _register(self, model: nn.Module) -> None:
+        """Put every hook on the model and the optimizers (each handle kept for remove())."""
+        layers = self.layers
+        for layer in layers:
+            self._handles.append(layer.module.register_forward_hook(self._make_forward_hook(layer)))
+        if self.config.functional:
             modules = [(n or ROOT_NAME, m) for n, m in named_modules(model)]
             leaves = {layer.module for layer in layers if not layer.functional}
             self.functional = FunctionalCapture(

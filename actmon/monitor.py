@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from actmon import distributed, lifecycle
 from actmon.aggregate import Aggregator
@@ -108,8 +109,24 @@ class Monitor:
         self._callbacks: list[Callable[[Alert], None]] = []
         self._pending_alerts: list[Alert] = []
         self._to_raise: Alert | None = None
-        self._loss_hook = None
+        self._loss_hook: RemovableHandle | None = None
         self._runners: list[SinkRunner] = []
+        # From here on watch() starts threads, a server and hooks: if any step fails, all
+        # that was started is undone before the error reaches the caller (see _abort).
+        try:
+            self._start(model, optimizers, loss_fn, scaler)
+        except BaseException:
+            self._abort()
+            raise
+
+    def _start(
+        self,
+        model: nn.Module,
+        optimizers: list[torch.optim.Optimizer],
+        loss_fn: nn.Module | None,
+        scaler: Any,
+    ) -> None:
+        """Start the sinks, attach the hooks and run the model checks (watch()'s second half)."""
         dist = self._dist
         store_path, without = self._claim_run()
         if dist is None or dist.exports:  # reduce mode: rank 0 alone runs sinks
@@ -167,6 +184,30 @@ class Monitor:
         )
         _WATCHED.add(model)
         self._attacher.set_sampling(self._is_sampled())
+
+    def _abort(self) -> None:
+        """Undo a watch() that failed part-way: hooks out, sinks stopped (their threads, the
+        metrics server and its socket), the model free to be watched again. Never raises:
+        the caller re-raises the original error."""
+        self._closed = True
+        steps: list[Callable[[], None]] = []
+        attacher = getattr(self, "_attacher", None)
+        if attacher is not None:
+            steps.append(attacher.remove)
+        if self._loss_hook is not None:
+            steps.append(self._loss_hook.remove)
+        model = self._model_ref()
+        if model is not None:
+            steps.append(lambda: _WATCHED.discard(model))
+        for runner in self._runners:
+            if hasattr(runner.sink, "status"):
+                runner.sink.status = "failed"
+            steps.append(runner.close)
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:  # keep undoing; the original error is what matters
+                log.warning("actmon: undoing a failed watch(): %s: %s", type(exc).__name__, exc)
 
     # ---- public API ----------------------------------------------------------------------
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -10,6 +11,8 @@ from actmon.config import Config
 from actmon.errors import ConfigError
 from actmon.sinks import Sink
 from actmon.snapshot import LayerInfo
+
+log = logging.getLogger("actmon")
 
 
 def build_sinks(
@@ -85,10 +88,22 @@ def build_sinks(
         try:
             sinks.append((name, make()))
         except ConfigError:
+            close_all(sinks)  # watch() fails: the sinks made before this one are undone
             raise
         except Exception as exc:
             on_error(name, exc)
     return sinks
+
+
+def close_all(sinks: list[tuple[str, Sink]]) -> None:
+    """Close sinks that never ran (a watch() that failed), as a failed run; never raises."""
+    for name, sink in sinks:
+        if hasattr(sink, "status"):
+            sink.status = "failed"
+        try:
+            sink.close()
+        except Exception as exc:
+            log.warning("actmon: closing sink %s after a failed watch(): %s", name, exc)
 
 
 def rank_path(template: str, run: str, rank: int | None, directory: bool) -> str:
