@@ -199,6 +199,7 @@ class Monitor:
         model = self._model_ref()
         if model is not None:
             steps.append(lambda: _WATCHED.discard(model))
+        steps.append(lambda: lifecycle.release(self.run))
         for runner in self._runners:
             if hasattr(runner.sink, "status"):
                 runner.sink.status = "failed"

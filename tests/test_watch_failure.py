@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import actmon
+import actmon.lifecycle
 import actmon.monitor
 import actmon.store
 
@@ -123,10 +124,11 @@ def test_a_failed_watch_leaves_no_thread_socket_or_hook(failure, monkeypatch, tm
     try:
         for _ in range(3):  # nothing accumulates from one failed attempt to the next
             with pytest.raises(error):
-                actmon.watch(model, sinks=sinks, **args)
+                actmon.watch(model, sinks=sinks, run_name="exp", **args)
             left = [t for t in threading.enumerate() if t not in before_threads and t.is_alive()]
             assert left == []
             assert _hooks(model, opt, loss_fn) == before_hooks
+            assert all(actmon.lifecycle.name_free(n) for n in ("exp", "exp-2", "exp-3"))
             if taken is None:
                 assert _port_is_free(port)
     finally:
