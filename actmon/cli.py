@@ -120,14 +120,43 @@ def validate(path: str) -> None:
     metavar="GLOB=KIND:MAX",
     help="Per-layer limit, e.g. 'encoder.*=dead:0.5' (KIND: dead or saturated).",
 )
+@click.option(
+    "--allow-unfinished/--no-allow-unfinished",
+    "allow_unfinished",
+    default=None,
+    help="Accept a run left 'running' or 'terminated' (default: it fails the gate).",
+)
+@click.option(
+    "--fail-on",
+    type=click.Choice(["critical", "warning", "info", "none"]),
+    help="Fail when any alert of this severity or above fired [default: critical].",
+)
+@click.option(
+    "--keep-store",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Command mode: keep the run store in DIR (default: a new runs/gate-<UTC time>/).",
+)
 @click.option("--junit", type=click.Path(dir_okay=False), help="Write a JUnit XML report.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def gate(**options: Any) -> None:
-    """Exit 1 when a finished run crossed a health threshold (0: pass, 2: usage/store error).
+    """Judge a run's health for CI: exit 0 when healthy, non-zero when not.
 
     \b
     actmon gate --store runs/x/actmon.db [--config configs/ci-gate.yaml]
     actmon gate --config configs/ci-gate.yaml -- python train.py ...
+
+    A run fails when it did not finish (status failed, terminated or running), when a
+    layer's final window crosses a limit (or its baseline), on vanishing or exploding
+    gradients, on any NaN/Inf, and on any alert of --fail-on's severity or above.
+
+    \b
+    Exit codes:
+      0  healthy: every check passed
+      1  unhealthy: a check failed (the failures are printed)
+      2  usage, config or store error (nothing judged)
+      3  the command after -- failed (non-zero exit or killed); its checks are
+         still printed when it left a store
     """
     from actmon.gate_cli import run_gate
 

@@ -166,6 +166,14 @@ class GateConfig(_Strict):
     allow_nonfinite: bool = False  # any NaN/Inf anywhere in the run fails the gate
     per_layer: dict[str, GateLayerLimits] = Field(default_factory=dict)  # glob -> limits
     baseline_tolerance: float = Field(0.05, ge=0)  # --baseline: allowed rise per layer
+    allow_unfinished: bool = False  # accept a run left 'running' or 'terminated'
+    # Any alert of this severity or above that fired fails the gate ("none": alerts never do).
+    fail_on: Literal["info", "warning", "critical", "none"] = "critical"
+    # Vanishing gradients: the final window's first/last layer gradient-norm ratio below this.
+    min_grad_depth_ratio: float | None = Field(1e-4, ge=0)
+    # Exploding gradients: a window's largest total gradient norm over this many times the
+    # median of the windows before it (the exploding_gradients rule's threshold).
+    max_grad_spike: float | None = Field(100.0, gt=1)
 
 
 class Config(_Strict):

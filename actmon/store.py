@@ -266,13 +266,19 @@ class RunStore:
         """One run by name; the only run when ``name`` is None."""
         runs = self.runs()
         if name is None:
-            if len(runs) != 1:
-                raise StoreError(f"run store {str(self.path)!r} holds {len(runs)} runs; name one")
-            return runs[0]
+            if len(runs) == 1:
+                return runs[0]
+            if not runs:
+                raise StoreError(f"run store {str(self.path)!r} holds no run")
+            raise StoreError(
+                f"run store {str(self.path)!r} holds {len(runs)} runs; name one with --run:"
+                f" {_run_list(runs)}"
+            )
         for info in runs:
             if info.run == name:
                 return info
-        raise StoreError(f"run {name!r} is not in {str(self.path)!r}")
+        held = f"it holds {_run_list(runs)}" if runs else "it holds no run"
+        raise StoreError(f"run {name!r} is not in {str(self.path)!r}; {held}")
 
     @_decoded
     def windows(self, run: str | None = None) -> list[Window]:
@@ -349,6 +355,12 @@ def _short(name: object, limit: int = 40) -> str:
     """A name from the file, quoted and cut short (a crafted name can be huge)."""
     text = repr(str(name))
     return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def _run_list(runs: list[RunInfo], most: int = 20) -> str:
+    """The runs' names, quoted, in the order they started (the first ``most``, then a count)."""
+    names = ", ".join(_short(info.run) for info in runs[:most])
+    return names + (f" and {len(runs) - most} more" if len(runs) > most else "")
 
 
 def _alert_from_row(row: Any) -> StoredAlert:
