@@ -281,7 +281,7 @@ def test_command_mode_keeps_the_store_where_it_says(tmp_path, monkeypatch):
     # A reused --keep-store DIR: the gate judges the run this command wrote.
     again = _gate("--keep-store", str(keep), "--", sys.executable, str(script))
     assert again.exit_code == 0, again.output
-    assert "actmon gate: kept passed" in again.output
+    assert "actmon gate: kept-2 passed" in again.output  # the new run, not the first one
 
 
 def test_a_script_that_never_calls_watch_is_told_what_to_do(tmp_path):
