@@ -2,7 +2,9 @@
 Snapshot at each scrape, served on 127.0.0.1 or pushed to a Pushgateway.
 
 Nothing is registered globally: two monitors in one process each have their own registry
-and endpoint. Label cardinality is bounded by ``max_layer_series``.
+and endpoint. Label cardinality is bounded by ``max_layer_series`` over the whole run, not only
+per scrape: the layers that get their own series keep them (a series never moves in or out of
+``_other``), so ``_other``'s counters only grow and Prometheus never reads a counter reset.
 """
 
 from __future__ import annotations
@@ -120,7 +122,12 @@ class PrometheusSink:
         self._alerts_total: dict[tuple[str, str], float] = {}  # (rule, severity) -> firings
         self._alert_active: dict[tuple[str, str, str], float] = {}  # (rule, layer, severity)
         self._first_nonfinite: NonFinite | None = None  # the run's, completed when confirmed
-        self._said_bounded = False
+        # Layers with their own series, kept for the run (insertion order). While every layer
+        # fits under max_layer_series each gets one; from the first window with more, the
+        # worst of that window's new layers fill what is left of max_layer_series - 1 and every
+        # later layer goes to _other.
+        self._own: dict[str, None] = {}
+        self._overflow = False
         self._histograms = HistogramExport(config.histogram_layers, config.max_histogram_layers)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -179,6 +186,7 @@ class PrometheusSink:
     def write(self, snapshot: Snapshot) -> None:
         with self._lock:
             self._latest = snapshot
+            self._assign_series(snapshot)
             first = snapshot.first_nonfinite
             if first is not None and (
                 self._first_nonfinite is None
@@ -245,22 +253,30 @@ class PrometheusSink:
             self._server = None
 
     # ---- exposition --------------------------------------------------------------------------
-    def _select_layers(self, layers: list[LayerStats]) -> tuple[list[LayerStats], list[LayerStats]]:
+    def _assign_series(self, snapshot: Snapshot) -> None:
+        """Give the window's new layers their own series or ``_other``, for the run (under the
+        lock). A layer that has a series keeps it; one in ``_other`` stays there."""
+        new = [layer for name, layer in snapshot.layers.items() if name not in self._own]
+        if self._overflow or not new:
+            return
         limit = self.config.max_layer_series
-        if len(layers) <= limit:
-            return layers, []
-        if not self._said_bounded:
-            self._said_bounded = True
-            log.warning(
-                "actmon: %d layers exceed max_layer_series=%d; the %d healthiest are"
-                ' exported as layer="%s"',
-                len(layers),
-                limit,
-                len(layers) - limit + 1,
-                OTHER,
-            )
-        ranked = sorted(layers, key=_worst, reverse=True)
-        return ranked[: limit - 1], ranked[limit - 1 :]
+        if len(self._own) + len(new) <= limit:
+            self._own.update(dict.fromkeys(layer.name for layer in new))
+            return
+        self._overflow = True
+        free = max(limit - 1 - len(self._own), 0)  # one label value is _other's
+        for layer in sorted(new, key=_worst, reverse=True)[:free]:
+            self._own[layer.name] = None
+        log.warning(
+            "actmon: %d layers exceed max_layer_series=%d; %d keep their own series for the"
+            " run (the worst at step %d) and every other layer, now or later, is exported as"
+            ' layer="%s"',
+            len(snapshot.layers),
+            limit,
+            len(self._own),
+            snapshot.step,
+            OTHER,
+        )
 
     def families(self) -> list[Metric]:
         """Metric families for the latest window (called at each scrape / push)."""
@@ -273,12 +289,15 @@ class PrometheusSink:
                 (name, kind, self._histograms.buckets[name].copy())
                 for name, kind in self._histograms.layers.items()
             ]
+            owned = set(self._own)
+            overflow = self._overflow
         if snap is None:
             return []
         run = bounded(self.run)
         labels = ["run", "layer", "kind"]
         out: list[Metric] = []
-        own, rest = self._select_layers(list(snap.layers.values()))
+        own = [layer for name, layer in snap.layers.items() if name in owned]
+        rest = [layer for name, layer in snap.layers.items() if name not in owned]
         rows = [
             (bounded(ls.name), ls.kind.value, {**ls.metrics(), "as_of_step": ls.as_of_step})
             for ls in own
@@ -332,15 +351,17 @@ class PrometheusSink:
         if rest:
             info.add_metric([run, OTHER, "mixed", "true", ""], 1.0)
         out.append(info)
-        exported = {layer.name for layer in own} | {""}  # "": the loss and gradient norm
+        # _other's counters sum layers that never leave it: they only grow.
+        exported = owned | {""}  # "": the loss and gradient norm
         other: dict[tuple[str, str], float] = {}
         for (layer, kind, tensor, which), count in sorted(nonfinite.items()):
-            if layer in exported or not rest:
+            if layer in exported or not overflow:
                 nf.add_metric([run, bounded(layer), kind, tensor, which], count)
             else:
                 other[(tensor, which)] = other.get((tensor, which), 0.0) + count
         for (tensor, which), count in sorted(other.items()):
             nf.add_metric([run, OTHER, "mixed", tensor, which], count)
+
         out.append(nf)
         if histograms:
             out.append(_histogram_family(run, histograms))
@@ -367,7 +388,13 @@ class PrometheusSink:
             "1 while an alert holds, 0 once resolved.",
             labels=["run", "rule", "layer", "severity"],
         )
-        for (rule, layer, severity), value in sorted(alert_active.items()):
+        # Alerts of layers without their own series: one _other series per rule, 1 while any holds.
+        rows_active: dict[tuple[str, str, str], float] = {}
+        for (rule, layer, severity), value in alert_active.items():
+            where = OTHER if overflow and layer and layer not in owned else layer
+            row = (rule, where, severity)
+            rows_active[row] = max(value, rows_active.get(row, 0.0))
+        for (rule, layer, severity), value in sorted(rows_active.items()):
             active.add_metric([run, bounded(rule), bounded(layer), severity], value)
         out.extend([fired, active])
         if self.rank is not None:  # every series of a per-rank export carries its rank
