@@ -284,7 +284,11 @@ class Attacher:
             modules = [(n or ROOT_NAME, m) for n, m in named_modules(model)]
             leaves = {layer.module for layer in layers if not layer.functional}
             self.functional = FunctionalCapture(
-                modules, leaves, self._functional_output, lambda: self.sampling
+                modules,
+                leaves,
+                self._functional_output,
+                lambda: self.sampling,
+                max_calls=self.config.functional_max_calls,
             )
             self.functional.arm(self.sampling)
         # Parameter hooks run every step: the gradient-norm sentinel needs them even when

@@ -205,6 +205,9 @@ class Config(_Strict):
     # Activation functions called in a forward (F.relu, torch.sigmoid, ...) are layers too,
     # named "<module>.<fn>#<k>" (actmon.functional).
     functional: bool = True
+    # Calls of one function beyond this many in one module's forward (an RNN's tanh per time
+    # step) are one layer "<module>.<fn>#<n>+", so the layer count stays bounded.
+    functional_max_calls: int = Field(16, ge=1)
     gate: GateConfig = Field(default_factory=GateConfig)  # read by `actmon gate` only
     skip_no_grad: bool = True  # forwards under torch.no_grad() (evaluation) are not recorded
     escalate_on_nonfinite: bool = True  # sample every step after a window saw a non-finite loss

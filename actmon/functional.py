@@ -8,6 +8,11 @@ activation function (:data:`ACTIVATIONS`) is attributed to the innermost running
 ``<module>.<fn>#<k>``, ``k`` counting that function's calls in that module's forward from 0, and
 its output is handed to ``on_output`` (the attacher summarises it like a module output).
 
+Bounded: a module that calls one function more than ``max_calls`` times in a forward (a
+hand-written RNN calling ``torch.tanh`` per time step) gets one layer ``<module>.<fn>#<max>+``
+for every call from ``max_calls`` on, so a varying sequence length cannot add layers without
+end; a warning says so once per site.
+
 Cost: nothing on unsampled steps (the hooks are registered only for sampled steps). On sampled
 steps the mode is popped inside leaf modules, where calls are either not activations (Linear)
 or already monitored as the module's own output (``nn.GELU`` calls ``F.gelu``); so only torch
@@ -16,6 +21,7 @@ calls written in container forwards pass through Python.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +33,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from actmon.kinds import Kind, KindInfo
+
+log = logging.getLogger("actmon")
+
+MAX_CALLS = 16  # the default of Config.functional_max_calls
 
 InfoFor = Callable[[tuple[Any, ...], dict[str, Any]], KindInfo]
 
@@ -137,8 +147,11 @@ class FunctionalCapture:
         leaves: set[nn.Module],
         on_output: OnOutput,
         sampling: Callable[[], bool],
+        max_calls: int = MAX_CALLS,
     ) -> None:
         self._modules = modules
+        self._max_calls = max_calls
+        self._aggregated: set[str] = set()  # sites whose later calls share one layer (warned)
         self._leaves = leaves
         self._on_output = on_output
         self._sampling = sampling
@@ -208,4 +221,18 @@ class FunctionalCapture:
         fn, info_for = entry
         k = frame.calls.get(fn, 0)
         frame.calls[fn] = k + 1
-        self._on_output(f"{frame.name}.{fn}#{k}", frame.module, lambda: info_for(args, kwargs), out)
+        site = f"{frame.name}.{fn}#{k}"
+        if k >= self._max_calls:
+            site = f"{frame.name}.{fn}#{self._max_calls}+"
+            if site not in self._aggregated:
+                self._aggregated.add(site)
+                log.warning(
+                    "actmon: %s calls %s more than functional_max_calls=%d times in one"
+                    " forward; calls %d and later are summarised together as layer %r",
+                    frame.name,
+                    fn,
+                    self._max_calls,
+                    self._max_calls,
+                    site,
+                )
+        self._on_output(site, frame.module, lambda: info_for(args, kwargs), out)
