@@ -6,7 +6,13 @@
 """
 
 from actmon.config import Config, load_config
-from actmon.errors import ActmonError, ConfigError, HookError, MonitorStateError
+from actmon.errors import (
+    ActmonError,
+    ArgumentError,
+    ConfigError,
+    HookError,
+    MonitorStateError,
+)
 from actmon.kinds import Kind
 from actmon.monitor import Monitor, watch
 from actmon.rules import Alert, AlertError, Rule
@@ -18,6 +24,7 @@ __all__ = [
     "ActmonError",
     "Alert",
     "AlertError",
+    "ArgumentError",
     "Config",
     "ConfigError",
     "HookError",

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from actmon.errors import ConfigError
+from actmon.errors import ArgumentError, ConfigError, describe_value
 from actmon.kinds import Kind
 from actmon.rules import DEFAULT_RULES, Rule
 
@@ -246,11 +246,22 @@ def load_config(
         layers.append(("the Config object", source.model_dump(exclude_unset=True)))
     elif isinstance(source, Mapping):
         layers.append(("the config dict", dict(source)))
-    elif source is not None:
+    elif isinstance(source, str | os.PathLike):
         layers.append(_read_yaml(Path(source)))
+    elif source is not None:
+        raise ArgumentError(
+            f"config: got {describe_value(source)}; a YAML file path (str or os.PathLike), a"
+            " dict, an actmon.Config or None is allowed"
+        )
     env_path = os.environ.get(ENV_VAR)
     if env_path:
-        origin, data = _read_yaml(Path(env_path))
+        try:
+            origin, data = _read_yaml(Path(env_path))
+        except ConfigError as exc:
+            raise ConfigError(
+                f"${ENV_VAR}={env_path!r}: {exc} (point ${ENV_VAR} at an actmon YAML config, or"
+                " unset it)"
+            ) from None
         layers.append((f"{origin} (from ${ENV_VAR})", data))
     if overrides:
         layers.append(("keyword overrides", overrides))

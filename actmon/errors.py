@@ -17,3 +17,22 @@ class HookError(ActmonError, RuntimeError):
 
 class MonitorStateError(ActmonError, RuntimeError):
     """The monitor was used in a way its life cycle does not allow (e.g. watching a model twice)."""
+
+
+class ArgumentError(ActmonError, TypeError):
+    """An argument of an actmon call has a type it does not accept (``watch(fn)``,
+    ``optimizer="adam"``, ``config=3``); the message names the argument, what it got and
+    what is allowed."""
+
+
+def describe_value(value: object, limit: int = 60) -> str:
+    """What a bad argument is, for an error message: its type and a short repr."""
+    import reprlib
+
+    name = getattr(value, "__qualname__", None)
+    if callable(value) and isinstance(name, str) and not isinstance(value, type):
+        return f"the function {name!r}"
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = limit
+    text = short.repr(value)
+    return f"{type(value).__name__} {text}"

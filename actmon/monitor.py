@@ -27,7 +27,7 @@ from actmon.aggregate import Aggregator
 from actmon.attach import Attacher, Layer, select_layers
 from actmon.checks import attach_checks, loss_input_check
 from actmon.config import Config, load_config
-from actmon.errors import ConfigError, HookError, MonitorStateError
+from actmon.errors import ArgumentError, ConfigError, HookError, MonitorStateError, describe_value
 from actmon.nonfinite import NonFiniteAttribution
 from actmon.rules import Alert, AlertError, RuleEngine
 from actmon.sinks import Sink
@@ -51,11 +51,12 @@ class Monitor:
         config: Any = None,
         *,
         extra_sinks: Iterable[Sink] = (),
-        loss_fn: nn.Module | None = None,
+        loss_fn: nn.Module | Callable[..., Tensor] | None = None,
         scaler: Any = None,
         process_group: Any = None,
         **overrides: Any,
     ) -> None:
+        _check_arguments(model, loss_fn)
         if model in _WATCHED:
             raise MonitorStateError(
                 f"{type(model).__name__} is already watched by an open monitor; close() it"
@@ -66,16 +67,7 @@ class Monitor:
         self.run = self.config.run_name or lifecycle.default_run_name()
         # torch.distributed: which rank exports what (None in a single process).
         self._dist = distributed.context(self.config.distributed, process_group)
-        optimizers = [
-            _unwrap(opt)
-            for opt in (
-                []
-                if optimizer is None
-                else [optimizer]
-                if isinstance(optimizer, torch.optim.Optimizer)
-                else list(optimizer)
-            )
-        ]
+        optimizers = _optimizers(optimizer)
         if scaler is not None and not optimizers:
             raise ConfigError(
                 "watch(scaler=...): a GradScaler needs the optimizer too (watch(model,"
@@ -123,7 +115,7 @@ class Monitor:
         self,
         model: nn.Module,
         optimizers: list[torch.optim.Optimizer],
-        loss_fn: nn.Module | None,
+        loss_fn: nn.Module | Callable[..., Tensor] | None,
         scaler: Any,
     ) -> None:
         """Start the sinks, attach the hooks and run the model checks (watch()'s second half)."""
@@ -167,23 +159,42 @@ class Monitor:
         if not self.config.gradients.histogram:
             self._aggregator.skip_parts = ("grad_hist",)
         if self.config.checks:
+            checked = self._loss_module(loss_fn)
             self._pending_alerts.extend(
-                attach_checks(model, loss_fn is not None, self._record_error)
+                attach_checks(model, checked is not None, self._record_error)
             )
-            if loss_fn is not None:
-                self._loss_hook = loss_fn.register_forward_pre_hook(
-                    loss_input_check(
-                        loss_fn,
-                        self._pending_alerts.append,
-                        lambda: self._step + 1,
-                        self._record_error,
-                    )
+            if checked is not None:
+                check = loss_input_check(
+                    checked, self._pending_alerts.append, lambda: self._step + 1, self._record_error
                 )
+                if isinstance(loss_fn, nn.Module):
+                    self._loss_hook = loss_fn.register_forward_pre_hook(check)
+                else:  # a loss function: in `loss_fn(model(x), y)` it receives the model's output
+                    self._loss_hook = model.register_forward_hook(
+                        lambda _m, _args, output: check(checked, (output,))
+                    )
         self._nonfinite = NonFiniteAttribution(
             self.config.escalate_on_nonfinite, logs=dist is None or dist.exports
         )
         _WATCHED.add(model)
         self._attacher.set_sampling(self._is_sampled())
+
+    def _loss_module(self, loss_fn: nn.Module | Callable[..., Tensor] | None) -> nn.Module | None:
+        """The loss module whose input the double-softmax check looks at: ``loss_fn`` itself,
+        the module a known loss function stands for (``F.cross_entropy`` ->
+        ``nn.CrossEntropyLoss``), or None (no loss, or a function the check does not know)."""
+        if loss_fn is None or isinstance(loss_fn, nn.Module):
+            return loss_fn
+        equivalent = _FUNCTIONAL_LOSSES.get(loss_fn)
+        if equivalent is None:
+            self._log_once(
+                "loss_fn",
+                f"actmon: watch(loss_fn=...): {describe_value(loss_fn)} is not a loss the model"
+                " checks know; its input is not checked (they know nn.CrossEntropyLoss,"
+                " nn.BCEWithLogitsLoss, F.cross_entropy and F.binary_cross_entropy_with_logits)",
+            )
+            return None
+        return equivalent()
 
     def _abort(self) -> None:
         """Undo a watch() that failed part-way: hooks out, sinks stopped (their threads, the
@@ -590,6 +601,51 @@ class Monitor:
             log.warning(message)
 
 
+# Loss functions the double-softmax check knows, by the module that does the same.
+_FUNCTIONAL_LOSSES: dict[Callable[..., Tensor], type[nn.Module]] = {
+    torch.nn.functional.cross_entropy: nn.CrossEntropyLoss,
+    torch.nn.functional.binary_cross_entropy_with_logits: nn.BCEWithLogitsLoss,
+}
+
+
+def _check_arguments(model: object, loss_fn: object) -> None:
+    """watch()'s arguments of the wrong type fail at once, naming what was given."""
+    if not isinstance(model, nn.Module):
+        hint = ""
+        if callable(model) and not isinstance(model, type):
+            hint = "; to watch a function's activations, call it inside an nn.Module's forward"
+        elif isinstance(model, type) and issubclass(model, nn.Module):
+            hint = f"; pass an instance, e.g. {model.__name__}(...), not the class"
+        raise ArgumentError(
+            f"watch(model=...): got {describe_value(model)}; a torch.nn.Module is allowed (the"
+            f" model whose layers are watched){hint}"
+        )
+    if loss_fn is not None and not callable(loss_fn):
+        raise ArgumentError(
+            f"watch(loss_fn=...): got {describe_value(loss_fn)}; a loss module (e.g."
+            " nn.CrossEntropyLoss()), a loss function (e.g. F.cross_entropy) or None is allowed"
+        )
+
+
+def _optimizers(optimizer: object) -> list[torch.optim.Optimizer]:
+    """The torch optimizers given to watch() (one, a list or tuple of them, or None)."""
+    if optimizer is None:
+        return []
+    many = isinstance(optimizer, Sequence) and not isinstance(optimizer, str | bytes)
+    items = list(optimizer) if many else [optimizer]  # type: ignore[call-overload]
+    out = []
+    for i, item in enumerate(items):
+        inner = _unwrap(item)
+        if not isinstance(inner, torch.optim.Optimizer):
+            where = f"optimizer[{i}]" if many else "optimizer"
+            raise ArgumentError(
+                f"watch({where}=...): got {describe_value(item)}; a torch.optim.Optimizer"
+                " (or a framework's wrapper of one), a list of them, or None is allowed"
+            )
+        out.append(inner)
+    return out
+
+
 def _unwrap(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside a framework's wrapper (accelerate's AcceleratedOptimizer,
     Lightning's LightningOptimizer), whose step hooks are the ones that fire."""
@@ -607,7 +663,7 @@ def watch(
     config: Any = None,
     *,
     extra_sinks: Iterable[Sink] = (),
-    loss_fn: nn.Module | None = None,
+    loss_fn: nn.Module | Callable[..., Tensor] | None = None,
     scaler: Any = None,
     process_group: Any = None,
     **overrides: Any,
@@ -619,7 +675,10 @@ def watch(
     ``optimizer`` to get gradient norms after accumulation and update-to-weight ratios.
     The built-in sinks are configured under ``sinks`` (e.g. ``sinks={"prometheus":
     {"enabled": True}}``); ``extra_sinks`` adds objects with ``write(snapshot)``/``close()``.
-    Pass the ``loss_fn`` module to let the model checks look at what the loss receives.
+    Pass the ``loss_fn`` to let the model checks look at what the loss receives: a loss module
+    is checked on its input; a loss function (``F.cross_entropy``,
+    ``F.binary_cross_entropy_with_logits``) on the model's output, which is what it receives in
+    ``loss_fn(model(x), y)``.
     With mixed precision pass the ``scaler`` (``torch.amp.GradScaler``): output-gradient
     statistics are unscaled, and steps it skips (overflowed gradients) are counted as
     ``amp_skipped_steps`` instead of raising a NaN alarm.
