@@ -84,13 +84,27 @@ def _fail_late(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(actmon.monitor, "NonFiniteAttribution", boom)
 
 
+class _NoStepHooks(torch.optim.SGD):
+    """An optimizer whose step hooks cannot be registered (watch() accepts its type)."""
+
+    def register_step_pre_hook(self, hook: Any) -> Any:
+        raise RuntimeError("no step hooks")
+
+
+class _NoLossHooks(nn.CrossEntropyLoss):
+    """A loss module whose forward pre-hook cannot be registered."""
+
+    def register_forward_pre_hook(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("no loss hooks")
+
+
 FAILURES = {
     # name -> (how to make watch() fail, the error it raises)
     "the last step raises": (_fail_late, RuntimeError),
     # the hooks on the model are in when the optimizer's cannot be registered
     "an optimizer without step hooks": ("optimizer", Exception),
     # sinks and every hook are in when the loss's pre-hook cannot be registered
-    "a loss function that is not a module": ("loss", Exception),
+    "a loss whose hook cannot be registered": ("loss", Exception),
     # the store is built when the Prometheus port turns out to be taken
     "the metrics port is taken": ("port", actmon.ConfigError),
 }
@@ -114,9 +128,9 @@ def test_a_failed_watch_leaves_no_thread_socket_or_hook(failure, monkeypatch, tm
     if callable(how):
         how(monkeypatch)
     elif how == "optimizer":
-        args["optimizer"] = [opt, object()]
+        args["optimizer"] = [opt, _NoStepHooks(model.parameters(), lr=0.1)]
     elif how == "loss":
-        args["loss_fn"] = F.cross_entropy
+        args["loss_fn"] = _NoLossHooks()
     else:
         taken = socket.socket()
         taken.bind(("127.0.0.1", port))
