@@ -149,6 +149,10 @@ class SinksConfig(_Strict):
     )  # windows waiting per sink; beyond it the oldest wait, new drop
     retries: int = Field(3, ge=0)  # attempts after a failure, with exponential back-off
     backoff_seconds: float = Field(0.5, gt=0)  # first back-off; doubles up to 30 s
+    # At close(), on SIGTERM and at interpreter exit: how long the sinks may take, all together,
+    # to deliver what is queued; what is left then is dropped and counted. Under a scheduler's
+    # grace period (30 s by default in Kubernetes and Slurm) before its SIGKILL.
+    drain_timeout_seconds: float = Field(20.0, gt=0)
 
 
 class GateLayerLimits(_Strict):

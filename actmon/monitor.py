@@ -7,6 +7,7 @@ each Snapshot goes. Nothing it does on a training step reads a value back from t
 
 from __future__ import annotations
 
+import functools
 import logging
 import numbers
 import threading
@@ -16,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +40,29 @@ from actmon.snapshot import LayerInfo, LayerStats, NonFinite, Snapshot, build_sn
 log = logging.getLogger("actmon")
 
 _WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _guarded(method: _F) -> _F:
+    """Mark a call in progress on the main thread, and act on a SIGTERM that arrived during it
+    once it returns (see :mod:`actmon.lifecycle`)."""
+
+    @functools.wraps(method)
+    def call(self: Monitor, *args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not _MAIN:
+            return method(self, *args, **kwargs)
+        self._main_depth += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._main_depth -= 1
+            if self._main_depth == 0:
+                lifecycle.run_pending()
+
+    return call  # type: ignore[return-value]
+
+
+_MAIN = threading.main_thread()
 
 
 class Monitor:
@@ -75,7 +99,9 @@ class Monitor:
             )
         self._layers: list[Layer] = select_layers(model, self.config)
         self.errors: dict[str, int] = {}  # contained failures by where (layer, "sink:<name>")
-        self._errors_lock = threading.Lock()  # sinks report from their own threads
+        # Sinks report from their own threads; re-entrant: a SIGTERM may close the monitor
+        # while a hook on the main thread holds it.
+        self._errors_lock = threading.RLock()
         self.internal_errors_total = 0
         self._logged: set[str] = set()
         self._user_sinks = list(extra_sinks)
@@ -84,6 +110,7 @@ class Monitor:
         self._in_window = 0
         self._flush_seconds = 0.0
         self._closed = False
+        self._main_depth = 0  # calls of step/flush/close in progress on the main thread
         # Every layer's latest figures: a window in which a layer did not run carries them.
         self._latest_layers: dict[str, LayerStats] = {}
         n_params = sum(1 for p in model.parameters() if p.requires_grad)
@@ -177,6 +204,7 @@ class Monitor:
             self.config.escalate_on_nonfinite, logs=dist is None or dist.exports
         )
         _WATCHED.add(model)
+        lifecycle.register(self)  # SIGTERM and interpreter exit close it too
         self._attacher.set_sampling(self._is_sampled())
 
     def _loss_module(self, loss_fn: nn.Module | Callable[..., Tensor] | None) -> nn.Module | None:
@@ -249,6 +277,7 @@ class Monitor:
         """Call ``callback(alert)`` for every alert event of rules with the "callback" action."""
         self._callbacks.append(callback)
 
+    @_guarded
     def step(self, loss: Tensor | float | None = None) -> Snapshot | None:
         """End a training step (call it after ``optimizer.step()``).
 
@@ -280,6 +309,7 @@ class Monitor:
         """The latest complete window (None before the first window ends)."""
         return self.history[-1] if self.history else None
 
+    @_guarded
     def flush(self) -> Snapshot | None:
         """End the current window early (e.g. at the end of training); None if it is empty."""
         if self._in_window == 0:
@@ -318,10 +348,13 @@ class Monitor:
         """Windows each sink dropped (queue full, or still failing after its retries)."""
         return {runner.name: runner.dropped for runner in self._runners}
 
+    @_guarded
     def close(self, status: str = "finished") -> None:
         """Flush the partial window, remove every hook, drain and close the sinks.
 
-        Safe to call twice. ``status`` ("finished" or "failed") is recorded in the run store.
+        Safe to call twice. ``status`` ("finished", "failed"; "terminated" on SIGTERM) is
+        recorded in the run store. The sinks get ``sinks.drain_timeout_seconds`` in all to
+        deliver what is queued (what is left then is dropped and counted).
         """
         if self._closed:
             return
@@ -338,10 +371,8 @@ class Monitor:
             if model is not None:
                 _WATCHED.discard(model)
             lifecycle.release(self.run)
-            for runner in self._runners:
-                if hasattr(runner.sink, "status"):
-                    runner.sink.status = status
-                runner.close()
+            self._drain_sinks(status)
+            lifecycle.unregister(self)
 
     def __enter__(self) -> Monitor:
         return self
@@ -350,6 +381,37 @@ class Monitor:
         self.close("finished" if exc_type is None else "failed")
 
     # ---- internals -----------------------------------------------------------------------
+    @property
+    def _busy(self) -> bool:
+        """Whether the main thread is inside one of this monitor's calls (a SIGTERM handled
+        there waits until the call returns)."""
+        return self._main_depth > 0
+
+    def _end(self, status: str) -> None:
+        """Close on SIGTERM ("terminated") or at interpreter exit: no collective (the other
+        ranks may be gone), and nothing raised (the process is ending anyway)."""
+        self._aggregator.reducer = None
+        try:
+            self.close(status)
+        except Exception as exc:
+            log.warning("actmon: closing run %s (%s) failed: %s", self.run, status, exc)
+
+    def _drain_sinks(self, status: str) -> None:
+        """Stop every sink at once and wait for them until one deadline. The store is told
+        last, so the drops it records (``dropped_json``) are every other sink's final count."""
+        deadline = time.monotonic() + self.config.sinks.drain_timeout_seconds
+        last = [r for r in self._runners if hasattr(r.sink, "status")]
+        first = [r for r in self._runners if r not in last]
+        for runner in first:
+            runner.stop()
+        for runner in first:
+            runner.join(deadline)
+        for runner in last:
+            runner.sink.status = status  # type: ignore[attr-defined]
+            runner.stop()
+        for runner in last:
+            runner.join(deadline)
+
     def _claim_run(self) -> tuple[Path | None, tuple[str, ...]]:
         """Make ``self.run`` this run's own name, and say where it goes (one INFO line).
 
