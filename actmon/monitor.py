@@ -239,6 +239,7 @@ class Monitor:
         if model is not None:
             steps.append(lambda: _WATCHED.discard(model))
         steps.append(lambda: lifecycle.release(self.run))
+        steps.append(lambda: lifecycle.unregister(self))
         for runner in self._runners:
             if hasattr(runner.sink, "status"):
                 runner.sink.status = "failed"
