@@ -6,8 +6,11 @@ slots are folded into window buffers with a constant number of ``index_add_`` /
 ``scatter_reduce_`` calls, whatever the number of layers. On a CPU the fused kernels add a
 call into the layer's window rows in place instead (:meth:`Aggregator.forward_addresses`,
 :meth:`Aggregator.backward_addresses`), so nothing is left to fold for those calls; the call
-order and each call's non-finite count are still kept. At the end of a window everything is
-packed into one float64 vector and copied to the host once (:meth:`Aggregator.flush`).
+order and each call's non-finite count are still kept. On a GPU the Triton backend does the
+same with one launch per call (``actmon.triton_backend``), given views of the rows instead of
+addresses, and adds each call's non-finite count into a device vector by call position. At
+the end of a window everything is packed into one float64 vector and copied to the host once
+(:meth:`Aggregator.flush`).
 
 Each buffer declares how it reduces: SUM (counts, sums, histograms), MAX (maxima; minima are
 stored negated so they fold with the same amax), which is what a cross-rank reduction needs.
@@ -16,13 +19,13 @@ stored negated so they fold with the same amax), which is what a cross-rank redu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from actmon import stats
+from actmon import stats, triton_backend
 
 if TYPE_CHECKING:
     from actmon.distributed import Reducer
@@ -162,7 +165,9 @@ class Aggregator:
         self.log_every = log_every
         self.device: torch.device | None = None
         self.on_cpu = False  # buffers on the CPU: the fused kernels may add into them in place
-        self._addresses: dict[tuple[int, bool], tuple[int, ...]] = {}  # by (layer, units/hist)
+        self._addresses: dict[tuple[int, bool], tuple[Any, ...]] = {}  # by (layer, units/hist)
+        self.device_rows = False  # in-place calls go to the device backend (views, not addresses)
+        self._call_counts: Tensor | None = None  # device backend: non-finite count per call
         self.unit_offsets: dict[int, tuple[int, int]] = {}  # layer -> (offset, units)
         self.n_units = 0
         self._index_cache: dict[tuple[int, ...], Tensor] = {}
@@ -193,6 +198,7 @@ class Aggregator:
             return
         self.device = device
         self.on_cpu = device.type == "cpu"
+        self.device_rows = triton_backend.enabled_for(device)
         L, P = self.n_layers, self.n_params
         f64, f32, i64 = torch.float64, torch.float32, torch.int64
         self.act_sum = torch.zeros(L, len(stats.ACT_SUM_FIELDS), dtype=f64, device=device)
@@ -226,6 +232,8 @@ class Aggregator:
             },
             device,
         )
+        if self.device_rows:
+            self._call_counts = torch.zeros(256, dtype=i64, device=device)
         for layer, (offset, units) in self.unit_offsets.items():
             self.unit_layer[offset : offset + units] = layer
 
@@ -293,15 +301,20 @@ class Aggregator:
             self._pending_units.append((layer, unit_max))
         self._count_forward(layer, numel, linear, softmax_rows)
 
-    def forward_addresses(self, layer: int, units: bool) -> tuple[int, ...]:
+    def forward_addresses(
+        self, layer: int, units: bool
+    ) -> tuple[int, ...] | triton_backend.ForwardRows:
         """Where the fused CPU kernels add one call of ``layer`` (``stats.accumulate_activation``):
         its rows of act_sum, act_max, act_count and act_hist, and its slice of the step's
         per-unit maxima when ``units`` (else 0). Commit the call with :meth:`commit_direct`.
-        Cached until a buffer is reallocated (a layer or units added)."""
+        Cached until a buffer is reallocated (a layer or units added). With the device backend:
+        views of those rows, the linear histogram's row and the call's non-finite slot."""
         self._dirty = True
         if units:
             self._units_written = True
         key = (layer, units)
+        if self.device_rows:
+            return self._device_forward_rows(key)
         addresses = self._addresses.get(key)
         if addresses is None:
             unit_address = 0
@@ -315,6 +328,34 @@ class Aggregator:
                 unit_address,
             )
         return addresses
+
+    def _device_forward_rows(self, key: tuple[int, bool]) -> triton_backend.ForwardRows:
+        layer, units = key
+        position = len(self._calls)  # the call being made: committed next
+        assert self._call_counts is not None
+        if position == self._call_counts.numel():  # more calls in a step than ever: grow
+            grown = torch.zeros(2 * position, dtype=torch.int64, device=self.device)
+            grown[:position].copy_(self._call_counts)
+            self._call_counts = grown
+            self._addresses.clear()  # the cached rows hold the old vector
+        cached = self._addresses.get(key)
+        if cached is None:
+            unit_row = None
+            if units:
+                offset, n = self.unit_offsets[layer]
+                unit_row = self.step_unit_max[offset : offset + n]
+            cached = self._addresses[key] = triton_backend.ForwardRows(
+                self.act_sum[layer],
+                self.act_max[layer],
+                self.act_count[layer],
+                self.act_hist[layer],
+                unit_row,
+                self.lin_hist[layer],
+                self._call_counts,
+                0,
+            )
+        assert isinstance(cached, triton_backend.ForwardRows)
+        return cached._replace(position=position)
 
     def commit_direct(
         self, layer: int, numel: int, nonfinite: int, linear: Tensor | None, softmax_rows: int
@@ -351,16 +392,24 @@ class Aggregator:
             self._pending_grad_hist.append(hist)
         self._grad_layers_this_step.add(layer)  # grad_steps counts it when the step is folded
 
-    def backward_addresses(self, layer: int, with_hist: bool) -> tuple[int, ...]:
+    def backward_addresses(
+        self, layer: int, with_hist: bool
+    ) -> tuple[int, ...] | triton_backend.BackwardRows:
         """Where the fused CPU kernels add one output gradient of ``layer``
         (``stats.accumulate_gradient``): its rows of grad_sum, grad_max and grad_hist (0 when
         ``with_hist`` is off). Only without loss scaling: a GradScaler's skipped steps must be
         dropped, so those gradients go through the slot rows. Commit with
-        :meth:`commit_backward_direct`."""
+        :meth:`commit_backward_direct`. With the device backend: views of those rows."""
         self._dirty = True
         key = (-1 - layer, with_hist)  # negative: apart from the forward rows' keys
         addresses = self._addresses.get(key)
-        if addresses is None:
+        if addresses is None and self.device_rows:
+            addresses = self._addresses[key] = triton_backend.BackwardRows(
+                self.grad_sum[layer],
+                self.grad_max[layer],
+                self.grad_hist[layer] if with_hist else None,
+            )
+        elif addresses is None:
             addresses = self._addresses[key] = (
                 _address(self.grad_sum, layer),
                 _address(self.grad_max, layer),
@@ -391,9 +440,9 @@ class Aggregator:
                 continue
             counter = counters[column]
             if (
-                stats.fusable(norms)
+                stats.c_fusable(norms)
                 and norms.dtype is torch.float32
-                and stats.fusable(self.param_sq)
+                and stats.c_fusable(self.param_sq)
             ):
                 assert stats.FUSED is not None
                 stats.FUSED.add_squares(
@@ -499,6 +548,13 @@ class Aggregator:
             per_slot = hists.index_select(1, self.nonfinite_bins).sum(1)
         if per_slot is not None and len(layers) == len(calls):
             per_call = per_slot
+        elif self._call_counts is not None:  # the device backend's calls counted by position
+            counts = self._call_counts[: len(calls)]
+            per_call = counts.clone()
+            counts.zero_()
+            if per_slot is not None:
+                places = [i for i, (_, count) in enumerate(calls) if count is None]
+                per_call.index_copy_(0, self._index(places), per_slot)
         else:
             per_call = torch.tensor(
                 [count or 0 for _, count in calls], dtype=torch.int64, device=self.device
@@ -537,7 +593,7 @@ class Aggregator:
                 self._unit_index_cache[unit_layers] = index
             units = torch.cat([u for _, u in self._pending_units])
             step_max.scatter_reduce_(0, index, units, "amax")
-        if stats.FUSED is not None and stats.fusable(step_max):  # one C call, no torch ops
+        if stats.FUSED is not None and stats.c_fusable(step_max):  # one C call, no torch ops
             stats.FUSED.fold_units(
                 step_max.data_ptr(),
                 self.unit_max.data_ptr(),

@@ -26,6 +26,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from actmon import triton_backend
 from actmon.errors import HookError
 from actmon.kinds import Kind, KindInfo
 
@@ -62,8 +63,9 @@ def _load_fused() -> ModuleType | None:
     return _fused  # type: ignore[no-any-return]
 
 
-# CPU tensors go through one fused pass when available; other devices (and non-contiguous
-# tensors) use the torch-op kernels. Both give the same counts; sums differ in rounding only.
+# CPU tensors go through one fused pass when available; CUDA tensors through the Triton
+# backend (actmon/triton_backend.py) when triton imports; others (and non-contiguous
+# tensors) use the torch-op kernels. All give the same counts; sums differ in rounding only.
 FUSED: ModuleType | None = _load_fused()
 
 _SATURATION_MODES = {Kind.TANH: 1, Kind.SIGMOID: 2, Kind.CLIPPING: 3}
@@ -142,7 +144,10 @@ class ActivationSpec:
 def as_float32(t: Tensor, what: str) -> Tensor | None:
     """The detached float32 tensor to summarise, or None for an empty tensor.
 
-    Raises HookError for anything that cannot be summarised (sparse, complex, integer, bool).
+    A bfloat16 or float16 tensor the device backend takes is returned as it is: its kernels
+    read that dtype and convert in registers, so no float32 copy is made (the torch-op kernels
+    convert it themselves). Raises HookError for anything that cannot be summarised (sparse,
+    complex, integer, bool).
     """
     if t.layout is not torch.strided:
         raise HookError(
@@ -156,7 +161,9 @@ def as_float32(t: Tensor, what: str) -> Tensor | None:
     if t.numel() > INT32_LIMIT:
         raise HookError(f"{what} has {t.numel()} elements; at most {INT32_LIMIT} are supported")
     # Callers run kernels under torch.no_grad(), so no detach() (one dispatcher call) is needed.
-    return t if t.dtype is torch.float32 else t.float()
+    if t.dtype is torch.float32 or (t.dtype is not torch.float64 and triton_backend.takes(t)):
+        return t
+    return t.float()
 
 
 def flat_view(t: Tensor) -> Tensor:
@@ -251,22 +258,35 @@ def summarize_activation(
     negates min), ``counts`` = [nonzero, saturated] (int32). Run it under ``torch.no_grad()``.
     Returns (raw histogram (2048,) int64, per-unit max (units,) or None, linear histogram or None).
     """
-    if FUSED is not None and fusable(x):
+    if x.dtype is not torch.float32:  # a half-precision tensor the device backend would take
+        x = x.float()
+    if FUSED is not None and c_fusable(x):
         hist, unit_max = _fused_activation(FUSED, x, spec, sums, maxes, counts)
     else:
         hist, unit_max = _torch_activation(x, spec, sums, maxes, counts, scratch)
     if spec.info.kind is Kind.SOFTMAX and spec.softmax_dim is not None:
         _softmax_stats(x, spec, sums)
-    return hist, unit_max, linear_hist(x, spec, scratch)
+    return hist, unit_max, _linear_hist(flat_view(x), spec, scratch) if spec.linear_bins else None
 
 
 def linear_hist(x: Tensor, spec: ActivationSpec, scratch: Scratch) -> Tensor | None:
-    """The equal-width histogram of a bounded kind's output, or None for other kinds."""
-    return _linear_hist(flat_view(x), spec, scratch) if spec.linear_bins else None
+    """The equal-width histogram of a bounded kind's output after ``accumulate_activation``,
+    or None for other kinds and where the device backend's launch already added it."""
+    if not spec.linear_bins or triton_backend.enabled_for(x.device):
+        return None
+    return _linear_hist(flat_view(x), spec, scratch)
 
 
 def fusable(x: Tensor) -> bool:
-    """Whether the fused one-pass kernels take this tensor (contiguous, on the CPU, built)."""
+    """Whether one in-place kernel call takes this tensor (``accumulate_*``): the device
+    backend's where it is on for the tensor's device, else the fused C kernels'."""
+    if triton_backend.enabled_for(x.device):
+        return triton_backend.takes(x)
+    return c_fusable(x)
+
+
+def c_fusable(x: Tensor) -> bool:
+    """Whether the fused C kernels take this tensor (contiguous, on the CPU, built)."""
     return FUSED is not None and x.device.type == "cpu" and x.is_contiguous()
 
 
@@ -279,6 +299,12 @@ def _fused_geometry(x: Tensor, spec: ActivationSpec) -> tuple[int, int, int, int
         outer, units, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
     else:
         inner = x.numel()
+    return (outer, units, inner, *_saturation_terms(spec))
+
+
+def _saturation_terms(spec: ActivationSpec) -> tuple[int, float, float]:
+    """(mode, low, high) of the saturated test: 0 none, 1 tanh (``|v| > high``), 2 sigmoid
+    (``v < low or v > high``), 3 clipping (``v <= low or v >= high``)."""
     kind = spec.info.kind
     eps = spec.saturation_eps
     if kind is Kind.CLIPPING:
@@ -286,7 +312,7 @@ def _fused_geometry(x: Tensor, spec: ActivationSpec) -> tuple[int, int, int, int
         low, high = spec.info.bounds
     else:
         low, high = eps, 1.0 - eps
-    return outer, units, inner, _SATURATION_MODES.get(kind, 0), low, high
+    return _SATURATION_MODES.get(kind, 0), low, high
 
 
 def _fused_activation(
@@ -319,7 +345,9 @@ def _fused_activation(
     return hist, unit_max
 
 
-def accumulate_activation(x: Tensor, spec: ActivationSpec, rows: Sequence[int]) -> int:
+def accumulate_activation(
+    x: Tensor, spec: ActivationSpec, rows: Sequence[int] | triton_backend.ForwardRows
+) -> int:
     """Add a fusable activation's statistics straight into one layer's window rows.
 
     ``rows`` are the addresses the aggregator gives (``Aggregator.forward_addresses``): sums
@@ -328,7 +356,14 @@ def accumulate_activation(x: Tensor, spec: ActivationSpec, rows: Sequence[int]) 
     layer has no units). No per-call tensor is made and nothing is left to fold: on a CPU every
     small torch op costs 10-50 us once a training step has pushed its code out of the caches.
     Returns the call's count of non-finite elements. Softmax statistics are not taken here.
+
+    On a device buffer ``rows`` is a ``triton_backend.ForwardRows`` of views instead: one
+    launch adds the same statistics, the linear histogram and the call's non-finite count
+    (into ``rows.call_counts``; nothing is read back, so 0 is returned).
     """
+    if isinstance(rows, triton_backend.ForwardRows):
+        _device_activation(x, spec, rows)
+        return 0
     assert FUSED is not None
     outer, units, inner, mode, low, high = _fused_geometry(x, spec)
     return int(
@@ -338,10 +373,24 @@ def accumulate_activation(x: Tensor, spec: ActivationSpec, rows: Sequence[int]) 
     )
 
 
-def accumulate_gradient(g: Tensor, rows: Sequence[int]) -> None:
+def _device_activation(x: Tensor, spec: ActivationSpec, rows: triton_backend.ForwardRows) -> None:
+    """``accumulate_activation`` on a device buffer: the spec turned into the kernel's terms."""
+    linear = (0, 0.0, 0.0)
+    if spec.linear_bins:
+        assert spec.info.bounds is not None
+        lin_low, lin_high = spec.info.bounds
+        linear = (spec.linear_bins, lin_low, spec.linear_bins / (lin_high - lin_low))
+    triton_backend.activation_into(x, rows, spec.unit_axis, _saturation_terms(spec), linear)
+
+
+def accumulate_gradient(g: Tensor, rows: Sequence[int] | triton_backend.BackwardRows) -> None:
     """Add a fusable output gradient's statistics into one layer's window rows: sums (float64
     [sum of squares, non-finite, NaN]), maxima (float32 [max, -min]) and the raw histogram
-    (int64 [2048], or 0 for none); see ``Aggregator.backward_addresses``."""
+    (int64 [2048], or 0 for none); see ``Aggregator.backward_addresses``. On a device buffer,
+    one launch of the device backend does it (``rows`` is a ``triton_backend.BackwardRows``)."""
+    if isinstance(rows, triton_backend.BackwardRows):
+        triton_backend.gradient_into(g, rows)
+        return
     assert FUSED is not None
     FUSED.gradient_into(g.data_ptr(), g.numel(), *rows, fused_threads())
 
@@ -437,6 +486,8 @@ def summarize_gradient(
     finite and NaN where it is not; clamping first makes +-Inf finite so only NaN stays NaN.
     Small gradients use ``isfinite``/``isnan``, which take fewer calls.
     """
+    if g.dtype is not torch.float32:  # a half-precision tensor the device backend would take
+        g = g.float()
     flat = flat_view(g)
     n = flat.numel()
     if FUSED is not None and flat.device.type == "cpu" and flat.is_contiguous():
