@@ -26,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 from actmon import distributed, lifecycle
 from actmon.aggregate import Aggregator
 from actmon.attach import Attacher, Layer, select_layers
+from actmon.callbacks import CallbackRunner
 from actmon.checks import attach_checks, loss_input_check
 from actmon.config import Config, load_config
 from actmon.errors import ArgumentError, ConfigError, HookError, MonitorStateError, describe_value
@@ -125,7 +126,7 @@ class Monitor:
         self.alerts: list[Alert] = []  # every event, firing and resolved (the last 10,000)
         self.active_alerts: dict[tuple[str, str | None], Alert] = {}
         self.should_stop = False  # set by a rule with the "stop" action
-        self._callbacks: list[Callable[[Alert], None]] = []
+        self._callbacks = CallbackRunner(self._report_callback)
         self._pending_alerts: list[Alert] = []
         self._to_raise: Alert | None = None
         self._loss_hook: RemovableHandle | None = None
@@ -275,8 +276,13 @@ class Monitor:
         return self._attacher.overhead_seconds + self._flush_seconds
 
     def on_alert(self, callback: Callable[[Alert], None]) -> None:
-        """Call ``callback(alert)`` for every alert event of rules with the "callback" action."""
-        self._callbacks.append(callback)
+        """Call ``callback(alert)`` for every firing alert of rules with the "callback" action.
+
+        Callbacks run on their own thread, in order, so a slow or stuck one cannot stall
+        training; alerts that find 256 others waiting are not passed to them, and a callback
+        that raises is counted (``monitor.errors``). ``close()`` waits for them at most 5 s.
+        """
+        self._callbacks.add(callback)
 
     @_guarded
     def step(self, loss: Tensor | float | None = None) -> Snapshot | None:
@@ -372,6 +378,7 @@ class Monitor:
             if model is not None:
                 _WATCHED.discard(model)
             lifecycle.release(self.run)
+            self._callbacks.close()
             self._drain_sinks(status)
             lifecycle.unregister(self)
 
@@ -604,11 +611,7 @@ class Monitor:
         if alert.state != "firing":
             return
         if "callback" in actions:
-            for callback in self._callbacks:
-                try:
-                    callback(alert)
-                except Exception as exc:  # a user callback never breaks the monitor
-                    self._record_error("(alert callback)", exc)
+            self._callbacks.submit(alert)  # never blocks: the callbacks have their own thread
         if "stop" in actions:
             self.should_stop = True
         if "raise" in actions and self._to_raise is None:
@@ -632,6 +635,11 @@ class Monitor:
                 sinks.backoff_seconds,
             )
         )
+
+    def _report_callback(self, where: str, message: str) -> None:
+        """Alert callbacks' failures and drops (from their thread): counted, logged once."""
+        self._count_error(where)
+        self._log_once(where, message)
 
     def _count_error(self, where: str) -> None:
         with self._errors_lock:  # hooks may run on autograd's threads, sinks on their own

@@ -9,6 +9,7 @@ from torch import nn
 
 import actmon
 from actmon import store
+from tests.helpers import wait_for
 from tests.test_models import conv_net, make_tiny_gpt2
 from tests.test_monitor import NaNAt
 
@@ -89,6 +90,7 @@ def test_actions_callback_stop_and_raise():
     for _ in range(2):
         model(torch.randn(2, 4)).sum().backward()
         monitor.step()
+    wait_for(lambda: seen, timeout=10, what="the callback")  # callbacks run on their own thread
     assert [a.rule for a in seen] == ["cb"]
     assert monitor.should_stop
     model(torch.randn(2, 4)).sum().backward()
