@@ -7,6 +7,7 @@ leaves nothing behind, and the model can then be watched as if nothing had happe
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 from typing import Any
@@ -98,9 +99,19 @@ class _NoLossHooks(nn.CrossEntropyLoss):
         raise RuntimeError("no loss hooks")
 
 
+def _fail_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The very last step raises: the monitor is registered for SIGTERM and exit by then."""
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("last failure")
+
+    monkeypatch.setattr(actmon.monitor.Attacher, "set_sampling", boom)
+
+
 FAILURES = {
     # name -> (how to make watch() fail, the error it raises)
-    "the last step raises": (_fail_late, RuntimeError),
+    "a late step raises": (_fail_late, RuntimeError),
+    "the last step raises": (_fail_last, RuntimeError),
     # the hooks on the model are in when the optimizer's cannot be registered
     "an optimizer without step hooks": ("optimizer", Exception),
     # sinks and every hook are in when the loss's pre-hook cannot be registered
@@ -117,6 +128,7 @@ def test_a_failed_watch_leaves_no_thread_socket_or_hook(failure, monkeypatch, tm
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before_hooks = _hooks(model, opt, loss_fn)
     before_threads = set(threading.enumerate())
+    before_sigterm = signal.getsignal(signal.SIGTERM)
     port = _free_port()
     sinks: dict[str, Any] = {
         "prometheus": {"enabled": True, "port": port, "port_in_use": "error"},
@@ -142,6 +154,8 @@ def test_a_failed_watch_leaves_no_thread_socket_or_hook(failure, monkeypatch, tm
             left = [t for t in threading.enumerate() if t not in before_threads and t.is_alive()]
             assert left == []
             assert _hooks(model, opt, loss_fn) == before_hooks
+            assert signal.getsignal(signal.SIGTERM) is before_sigterm
+            assert actmon.lifecycle._monitors() == []
             assert all(actmon.lifecycle.name_free(n) for n in ("exp", "exp-2", "exp-3"))
             if taken is None:
                 assert _port_is_free(port)
