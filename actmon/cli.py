@@ -174,14 +174,21 @@ def gate(**options: Any) -> None:
     help="The HTML file to write.",
 )
 @click.option("--run", "run_name", help="The run to report when the store holds several.")
-def report(store: str, output: str, run_name: str | None) -> None:
+@click.option(
+    "--max-heatmaps",
+    type=click.IntRange(min=0),
+    default=12,
+    show_default=True,
+    help="Layers with a histogram heatmap, least healthy first (0: every layer).",
+)
+def report(store: str, output: str, run_name: str | None, max_heatmaps: int) -> None:
     """Write a self-contained HTML report (plots inlined) of a run store."""
-    from actmon.report import write_report
+    from actmon.report import ReportError, write_report
     from actmon.store import StoreError
 
     try:
-        path = write_report(store, output, run_name)
-    except StoreError as exc:
+        path = write_report(store, output, run_name, max_heatmaps=max_heatmaps)
+    except (StoreError, ReportError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {path}")
 

@@ -78,6 +78,14 @@ RUN_METRICS = (
 )
 
 
+def health_score(nonfinite_count: float, fractions: Sequence[float | None]) -> float:
+    """How unhealthy a layer looks, larger is worse: any NaN/Inf first (2 and up), then its
+    worst dead, dormant or saturated fraction (None and NaN fractions left out). One ordering
+    for every consumer: sinks from a Snapshot, the report from the run store."""
+    worst = max((v for v in fractions if v is not None and not math.isnan(v)), default=0.0)
+    return (2.0 if nonfinite_count else 0.0) + worst
+
+
 @dataclass(frozen=True)
 class LayerStats:
     """One layer's statistics over one window (None where a metric does not apply)."""
@@ -147,12 +155,10 @@ class LayerStats:
         return out
 
     def health_score(self) -> float:
-        """How unhealthy the layer looks, larger is worse: any NaN/Inf first (2 and up), then
-        its worst dead, dormant or saturated fraction (NaN fractions left out). Sinks rank
-        layers by it (console, the layers that keep their own Prometheus series)."""
+        """How unhealthy the layer looks (see :func:`health_score`). Sinks rank layers by it
+        (console, the layers that keep their own Prometheus series)."""
         fractions = (self.dead_fraction, self.dormant_fraction, self.saturation_fraction)
-        worst = max((v for v in fractions if v is not None and not math.isnan(v)), default=0.0)
-        return (2.0 if self.nonfinite_count else 0.0) + worst
+        return health_score(self.nonfinite_count, fractions)
 
     @property
     def nonfinite_count(self) -> int:

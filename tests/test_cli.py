@@ -79,7 +79,7 @@ def test_report_sections_and_chromium_render(tmp_path):
             "Worst layers",
         ):
             assert section in html
-        assert "<h3>1</h3>" in html  # a layer's heatmap
+        assert "<h3>1 <span class='kind'>(relu)</span></h3>" in html  # a heatmap, with the kind
         assert "data:image/png;base64," in html  # self-contained
     assert "No alert fired." in healthy.report.read_text()
     sick_html = sick.report.read_text()

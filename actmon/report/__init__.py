@@ -3,6 +3,6 @@
 The report only reads what the store holds; it computes no statistic of its own.
 """
 
-from actmon.report.html import write_report
+from actmon.report.html import MAX_HEATMAPS, ReportError, write_report
 
-__all__ = ["write_report"]
+__all__ = ["MAX_HEATMAPS", "ReportError", "write_report"]

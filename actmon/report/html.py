@@ -1,21 +1,24 @@
-"""Build the HTML report: run summary, alert timeline, per-layer health over time, histogram
-heatmaps, gradient norm by depth, and the worst layers with their runbook hints."""
+"""Build the HTML report: run summary, loss and gradient norm, alert timeline, per-layer health
+over time, histogram heatmaps, gradient norm by depth, and the worst layers with their runbook
+hints.
+
+Every value that comes from the store (names, states, messages, numbers) is HTML-escaped where
+it is written: a store is input, and a crafted one must not run script in the reader's browser.
+"""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
-from collections import defaultdict
+import os
 from pathlib import Path
 
 import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # headless: files only
-import matplotlib.pyplot as plt
-import numpy as np
-
+from actmon.errors import ActmonError
+from actmon.report import data as rd
+from actmon.report import plots
 from actmon.store import RunStore, StoredAlert, first_nonfinite
 
 MAX_HEATMAPS = 12  # layers with a histogram heatmap (the least healthy first)
@@ -24,103 +27,44 @@ _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
 table { border-collapse: collapse; margin: 1em 0; } td, th { padding: 4px 10px;
-border-bottom: 1px solid #eee; text-align: left; } .critical { color: #b00; font-weight: bold; }
-.warning { color: #b60; } .info { color: #06b; } .ok { color: #080; } img { max-width: 100%; }
+border-bottom: 1px solid #eee; text-align: left; vertical-align: top; }
+.critical { color: #b00; font-weight: bold; } .warning { color: #b60; } .info { color: #06b; }
+.ok { color: #080; } .kind { color: #666; font-weight: normal; } .note { color: #555; }
+img { max-width: 100%; } td.num { white-space: nowrap; }
+code { background: #f4f4f4; padding: 0 3px; }
 """
+_SEVERITIES = ("critical", "warning", "info")
 
 
-def _png(fig: plt.Figure) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+class ReportError(ActmonError, ValueError):
+    """The report cannot be written as asked (e.g. its output is the run store it reads)."""
 
 
-def _img(fig: plt.Figure, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="{_png(fig)}">'
+def _e(value: object) -> str:
+    """HTML text (and attribute value) for anything read from the store."""
+    return html.escape(str(value), quote=True)
 
 
-def _series(db: RunStore, metric: str, run: str) -> dict[str, list[tuple[int, float]]]:
-    out: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for step, layer, _, value in db.metrics(metric, run=run):
-        if layer:
-            out[layer].append((step, value))
-    return out
+def _img(fig: Figure | None, alt: str) -> str:
+    return f'<img alt="{_e(alt)}" src="{plots.png(fig)}">' if fig is not None else ""
 
 
-def _line_plot(
-    series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, log: bool = False
-) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(10, 3.6))
-    for layer, points in series.items():
-        steps, values = zip(*points, strict=True)
-        ax.plot(steps, values, marker=".", label=layer)
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    if log:
-        ax.set_yscale("log")
-    if len(series) <= 20:
-        ax.legend(fontsize=7, ncol=2, loc="best")
-    return fig
+def _severity_class(severity: str) -> str:
+    return severity if severity in _SEVERITIES else ""
 
 
-def _heatmap(db: RunStore, layer: str, run: str) -> plt.Figure | None:
-    hists = db.histograms(layer, run=run)
-    if not hists:
-        return None
-    edges = hists[-1][1]
-    counts = np.stack([c for _, _, c in hists], axis=1)  # bins x windows
-    used = np.nonzero(counts.sum(axis=1))[0]
-    if used.size == 0:
-        return None
-    lo, hi = used[0], used[-1] + 1
-    fig, ax = plt.subplots(figsize=(10, 3))
-    image = ax.imshow(
-        np.log10(counts[lo:hi] + 1),
-        aspect="auto",
-        origin="lower",
-        interpolation="nearest",
-        cmap="viridis",
-    )
-    ticks = np.linspace(0, hi - lo - 1, min(6, hi - lo)).astype(int)
-    ax.set_yticks(ticks, [f"{edges[lo + t]:.3g}" for t in ticks])
-    steps = [s for s, _, _ in hists]
-    xt = np.linspace(0, len(steps) - 1, min(8, len(steps))).astype(int)
-    ax.set_xticks(xt, [str(steps[i]) for i in xt])
-    ax.set_title(f"{layer}: activation distribution over time (colour: log10 count)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("value (bin lower edge)")
-    fig.colorbar(image, ax=ax)
-    return fig
-
-
-def _depth_plot(db: RunStore, run: str, order: list[str]) -> plt.Figure | None:
-    series = _series(db, "grad_norm", run)
-    layers = [name for name in order if name in series]
-    if not layers:
-        return None
-    steps = sorted({s for name in layers for s, _ in series[name]})
-    picks = sorted({steps[0], steps[len(steps) // 2], steps[-1]})
-    fig, ax = plt.subplots(figsize=(10, 3.6))
-    for step in picks:
-        values = [dict(series[name]).get(step, math.nan) for name in layers]
-        ax.plot(range(len(layers)), values, marker="o", label=f"step {step}")
-    ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=7)
-    ax.set_yscale("log")
-    ax.set_title("Parameter-gradient norm by depth")
-    ax.set_ylabel("L2 norm")
-    ax.legend()
-    return fig
-
-
-def _worst(db: RunStore, run: str) -> list[tuple[str, str, float]]:
-    """(layer, metric, final value) of the least healthy layers, worst first."""
-    rows = []
-    for metric in ("dead_fraction", "dormant_fraction", "saturation_fraction"):
-        for layer, points in _series(db, metric, run).items():
-            rows.append((layer, metric, points[-1][1]))
-    return sorted(rows, key=lambda r: r[2], reverse=True)[:10]
+def _refuse_overwrite(store: Path, out: Path) -> None:
+    """Never write the HTML over the store (or its WAL/SHM/journal files), however named."""
+    target = out.resolve()
+    source = store.resolve()
+    guarded = [source] + [source.with_name(source.name + s) for s in ("-wal", "-shm", "-journal")]
+    same = target in guarded or (out.exists() and store.exists() and os.path.samefile(out, store))
+    if same:
+        raise ReportError(
+            f"report output {str(out)!r} is the run store {str(store)!r} being reported (or one of"
+            " its files): writing the HTML there would destroy the store; give another output"
+            " path, e.g. -o report.html"
+        )
 
 
 def _nonfinite_row(alerts: list[StoredAlert]) -> str:
@@ -128,109 +72,198 @@ def _nonfinite_row(alerts: list[StoredAlert]) -> str:
     first = first_nonfinite(alerts)
     if first is None:
         return ""
-    where = f"in layer {html.escape(first.layer)}" if first.layer else "in no sampled layer"
+    where = f"in layer {_e(first.layer)}" if first.layer else "in no sampled layer"
     found = (
-        f" (layer found at step {first.confirmed_step})"
+        f" (layer found at step {_e(first.confirmed_step)})"
         if first.confirmed_step is not None and first.confirmed_step != first.step
         else ""
     )
     return (
-        f"<tr><th>first NaN/Inf</th><td class='critical'>step {first.step}, {where}{found}"
+        f"<tr><th>first NaN/Inf</th><td class='critical'>step {_e(first.step)}, {where}{found}"
         "</td></tr>"
     )
 
 
-def write_report(store_path: str | Path, out: str | Path, run: str | None = None) -> Path:
-    """Write the HTML report of one run of ``store_path`` to ``out``; returns the path."""
-    with RunStore(store_path) as db:
-        info = db.run(run)
-        name = info.run
-        windows = db.windows(name)
-        alerts = db.alerts(name)
-        order = [str(layer["name"]) for layer in info.layers]
-        parts = [f"<h1>actmon report: {html.escape(name)}</h1>"]
-        last = windows[-1].step if windows else 0
-        # Info records (the 10-30% dead band) are for the record: not alerts to act on.
-        firing = [a for a in alerts if a.state == "firing" and a.severity != "info"]
-        records = sum(1 for a in alerts if a.state == "firing" and a.severity == "info")
-        noted = f" ({records} info record{'s' if records != 1 else ''})" if records else ""
-        verdict = (
-            f"<span class='ok'>no alerts</span>{noted}"
-            if not firing
-            else f"<span class='critical'>{len(firing)} alert(s) fired</span>{noted}"
+def _summary(run: rd.RunData, firing: list[StoredAlert], noted: str) -> str:
+    verdict = (
+        f"<span class='ok'>no alerts</span>{noted}"
+        if not firing
+        else f"<span class='critical'>{len(firing)} alert(s) fired</span>{noted}"
+    )
+    last = run.windows[-1].step if run.windows else 0
+    notes = "".join(f"<li>{_e(n)}</li>" for n in run.notes)
+    return (
+        f"<h2>Run summary</h2><table><tr><th>status</th><td>{_e(run.info.status)}</td>"
+        f"</tr><tr><th>steps</th><td>{_e(last)}</td></tr><tr><th>windows</th>"
+        f"<td>{len(run.windows)}</td></tr><tr><th>layers</th><td>{len(run.layers)}</td></tr>"
+        f"<tr><th>health</th><td>{verdict}</td></tr>{_nonfinite_row(run.alerts)}</table>"
+        + (
+            f"<p class='note'>Parts of this store were unusable:</p><ul>{notes}</ul>"
+            if notes
+            else ""
         )
+    )
+
+
+def _alerts_table(alerts: list[StoredAlert]) -> str:
+    rows = "".join(
+        f"<tr><td>{_e(a.step)}</td><td class='{_severity_class(a.severity)}'>{_e(a.severity)}"
+        f"</td><td>{_e(a.rule)}</td><td>{_e(a.layer or '-')}</td><td>{_e(a.state)}</td>"
+        f"<td>{_e(f'{a.value:.4g}')}</td><td>{_e(a.summary)}</td></tr>"
+        for a in alerts
+    )
+    return (
+        "<table><tr><th>step</th><th>severity</th><th>rule</th><th>layer</th>"
+        f"<th>state</th><th>value</th><th>summary</th></tr>{rows}</table>"
+    )
+
+
+def _steps(span: tuple[int, int] | None) -> str:
+    return "" if span is None else f" (first in steps {span[0]}-{span[1]})"
+
+
+def _worst_table(worst: list[rd.WorstLayer]) -> str:
+    if not worst:
+        return "<p>No layer has a dead, dormant or saturation figure or a NaN/Inf value.</p>"
+    rows = []
+    for w in worst:
+        nonfinite = (
+            f"<span class='critical'>{w.nonfinite_total:.0f} in {w.nonfinite_windows} window"
+            f"{'s' if w.nonfinite_windows != 1 else ''}{_steps(w.first_nonfinite)}</span>"
+            if w.nonfinite_windows
+            else "-"
+        )
+        worst_value = "-" if w.metric is None else f"{w.worst:.3f} (step {w.worst_step})"
+        final = "-" if w.metric is None or math.isnan(w.final) else f"{w.final:.3f}"
+        rows.append(
+            f"<tr><td>{_e(w.name)}</td><td>{_e(w.kind)}</td><td>{nonfinite}</td>"
+            f"<td>{_e(w.metric or '-')}</td><td class='num'>{_e(worst_value)}</td>"
+            f"<td class='num'>{_e(final)}</td>"
+            f"<td>{_e(w.hint)}</td></tr>"
+        )
+    return (
+        "<p>Ranked by each layer's worst window: any NaN/Inf first, then the largest dead,"
+        " dormant or saturated fraction.</p><table><tr><th>layer</th><th>kind</th>"
+        "<th>NaN/Inf values</th><th>metric</th><th>worst (step)</th><th>final</th>"
+        f"<th>runbook</th></tr>{''.join(rows)}</table>"
+    )
+
+
+def _heatmaps(
+    db: RunStore, run: rd.RunData, worst: list[rd.WorstLayer], cap: int, spans: list[plots.Span]
+) -> str:
+    kinds = run.kinds
+    candidates = list(dict.fromkeys([w.name for w in worst] + [layer.name for layer in run.layers]))
+    parts, drawn = [], 0
+    for name in candidates:
+        if cap and drawn >= cap:
+            break
+        kind = kinds.get(name, "?")
+        title = plots.literal(f"{name} ({kind}): activation distribution per window")
+        fig = plots.heatmap(db.histograms(name, run=run.name), run.windows, run.span, spans, title)
+        if fig is None:
+            continue
+        drawn += 1
         parts.append(
-            f"<h2>Run summary</h2><table><tr><th>status</th><td>{html.escape(info.status)}</td>"
-            f"</tr><tr><th>steps</th><td>{last}</td></tr><tr><th>windows</th>"
-            f"<td>{len(windows)}</td></tr><tr><th>layers</th><td>{len(order)}</td></tr>"
-            f"<tr><th>health</th><td>{verdict}</td></tr>{_nonfinite_row(alerts)}</table>"
+            f"<h3>{_e(name)} <span class='kind'>({_e(kind)})</span></h3>"
+            + _img(fig, f"{name} heatmap")
         )
-        parts.append("<h2>Alert timeline</h2>")
-        if not firing:
-            parts.append(f"<p class='ok'>No alert fired.{noted}</p>")
-        if alerts:
-            rows = "".join(
-                f"<tr><td>{a.step}</td><td class='{a.severity}'>{a.severity}</td>"
-                f"<td>{html.escape(a.rule)}</td><td>{html.escape(a.layer or '-')}</td>"
-                f"<td>{a.state}</td><td>{a.value:.4g}</td><td>{html.escape(a.summary)}</td></tr>"
-                for a in alerts
-            )
-            parts.append(
-                "<table><tr><th>step</th><th>severity</th><th>rule</th><th>layer</th>"
-                f"<th>state</th><th>value</th><th>summary</th></tr>{rows}</table>"
-            )
-            fig, ax = plt.subplots(figsize=(10, 2.2))
-            rules = sorted({a.rule for a in alerts})
-            for a in alerts:
-                ax.scatter(
-                    a.step,
-                    rules.index(a.rule),
-                    marker="v" if a.state == "firing" else "^",
-                    color={"critical": "red", "warning": "orange"}.get(a.severity, "blue"),
-                )
-            ax.set_yticks(range(len(rules)), rules)
-            ax.set_xlabel("step")
-            ax.set_title("alerts: v fired, ^ resolved")
-            parts.append(_img(fig, "alert timeline"))
-        parts.append("<h2>Layer health over time</h2>")
-        for metric, title in (
-            ("dead_fraction", "Dead fraction (ReLU family)"),
-            ("dormant_fraction", "Dormant fraction (leaky / GELU / SiLU)"),
-            ("saturation_fraction", "Saturation fraction"),
-        ):
-            series = _series(db, metric, name)
-            if series:
-                parts.append(_img(_line_plot(series, title, metric), title))
-        parts.append("<h2>Activation distributions over time</h2>")
-        ranked = [layer for layer, _, _ in _worst(db, name)]
-        for layer in list(dict.fromkeys(ranked + order))[:MAX_HEATMAPS]:
-            heat = _heatmap(db, layer, name)
-            if heat is not None:
-                parts.append(f"<h3>{html.escape(layer)}</h3>" + _img(heat, f"{layer} heatmap"))
-        parts.append("<h2>Gradient norm by depth</h2>")
-        depth = _depth_plot(db, name, order)
+    if cap and drawn >= cap and len(candidates) > drawn:
+        parts.insert(
+            0,
+            f"<p class='note'>Showing {drawn} of {len(candidates)} layers (the least healthy"
+            " first, then in forward order); raise the cap with <code>actmon report"
+            " --max-heatmaps N</code> (0 draws every layer) or <code>write_report(...,"
+            " max_heatmaps=N)</code>.</p>",
+        )
+    if not parts:
+        parts.append("<p>No activation histograms were recorded.</p>")
+    return "".join(parts)
+
+
+def _body(db: RunStore, run: rd.RunData, max_heatmaps: int) -> list[str]:
+    name = run.name
+    spans = rd.nonfinite_windows(db, run)
+    # Info records (the 10-30% dead band) are for the record: not alerts to act on.
+    alerts = run.alerts
+    firing = [a for a in alerts if a.state == "firing" and a.severity != "info"]
+    records = sum(1 for a in alerts if a.state == "firing" and a.severity == "info")
+    noted = f" ({records} info record{'s' if records != 1 else ''})" if records else ""
+    parts = [f"<h1>actmon report: {_e(name)}</h1>", _summary(run, firing, noted)]
+    if spans:
         parts.append(
-            _img(depth, "gradient norm by depth")
-            if depth is not None
-            else "<p>No parameter gradients were recorded.</p>"
+            "<p class='critical'>Shaded, hatched spans on every time axis below are the windows"
+            f" with NaN/Inf values ({len(spans)} span{'s' if len(spans) != 1 else ''}).</p>"
         )
-        parts.append("<h2>Worst layers</h2>")
-        hints = {a.layer: a.runbook for a in alerts if a.layer}
-        rows = "".join(
-            f"<tr><td>{html.escape(layer)}</td><td>{metric}</td><td>{value:.3f}</td>"
-            f"<td>{html.escape(hints.get(layer, ''))}</td></tr>"
-            for layer, metric, value in _worst(db, name)
-        )
-        parts.append(
-            "<table><tr><th>layer</th><th>metric</th><th>final value</th>"
-            f"<th>runbook</th></tr>{rows}</table>"
-        )
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
+    parts.append("<h2>Loss and gradient norm</h2>")
+    curves = plots.run_curves(
+        rd.run_series(db, name, "loss"),
+        rd.run_series(db, name, "grad_norm_total"),
+        rd.run_series(db, name, "grad_norm_total_max"),
+        run.span,
+        spans,
+    )
+    parts.append(
+        _img(curves, "loss and total gradient norm")
+        if curves is not None
+        else "<p>No loss or gradient norm was recorded (pass <code>loss=</code> to"
+        " <code>monitor.step</code>).</p>"
+    )
+    parts.append("<h2>Alert timeline</h2>")
+    if not firing:
+        parts.append(f"<p class='ok'>No alert fired.{noted}</p>")
+    if alerts:
+        parts.append(_alerts_table(alerts))
+        parts.append(_img(plots.alert_timeline(alerts, run.span, spans), "alert timeline"))
+    parts.append("<h2>Layer health over time</h2>")
+    for metric, title in (
+        ("dead_fraction", "Dead fraction (ReLU family)"),
+        ("dormant_fraction", "Dormant fraction (leaky / GELU / SiLU)"),
+        ("saturation_fraction", "Saturation fraction (sigmoid / tanh / clipping)"),
+    ):
+        series = rd.in_order(rd.layer_series(db, name, metric), run.layers)
+        if series:
+            parts.append(_img(plots.fraction_curves(series, title, run.span, spans), title))
+    worst = rd.worst_layers(db, run)
+    parts.append("<h2>Activation distributions over time</h2>")
+    parts.append(_heatmaps(db, run, worst, max_heatmaps, spans))
+    parts.append("<h2>Gradient norm by depth</h2>")
+    depth = plots.depth_profile(
+        rd.layer_series(db, name, "grad_norm"), [(la.name, la.kind) for la in run.layers]
+    )
+    parts.append(
+        _img(depth, "gradient norm by depth")
+        if depth is not None
+        else "<p>No parameter gradients were recorded.</p>"
+    )
+    parts.append("<h2>Worst layers</h2>")
+    parts.append(_worst_table(worst))
+    return parts
+
+
+def write_report(
+    store_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    run: str | None = None,
+    max_heatmaps: int = MAX_HEATMAPS,
+) -> Path:
+    """Write the HTML report of one run of ``store_path`` to ``out``; returns the path.
+
+    ``max_heatmaps`` caps the histogram heatmaps (least healthy layers first; 0: every layer).
+    """
+    if isinstance(max_heatmaps, bool) or not isinstance(max_heatmaps, int) or max_heatmaps < 0:
+        raise ReportError(f"max_heatmaps: got {max_heatmaps!r}, must be an integer >= 0")
+    store, target = Path(store_path), Path(out)
+    _refuse_overwrite(store, target)
+    # No LaTeX, whatever the user's matplotlibrc says: names are drawn as plain text.
+    with matplotlib.rc_context({"text.usetex": False}), RunStore(store) as db:
+        run_data = rd.read_run(db, run)
+        parts = _body(db, run_data, max_heatmaps)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>actmon report: "
-        f"{html.escape(name)}</title><style>{_CSS}</style></head><body>{''.join(parts)}"
+        f"{_e(run_data.name)}</title><style>{_CSS}</style></head><body>{''.join(parts)}"
         "</body></html>\n",
         encoding="utf-8",
     )
-    return out
+    return target
