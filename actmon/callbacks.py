@@ -41,6 +41,7 @@ class CallbackRunner:
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._stopping = False
 
     def add(self, callback: Callable[[Alert], None]) -> None:
         """Call ``callback(alert)`` for every later firing alert (the thread starts with the
@@ -75,6 +76,9 @@ class CallbackRunner:
         thread = self._thread
         if thread is None:
             return
+        if thread is threading.current_thread():  # a callback closing the monitor
+            self._stopping = True  # the thread ends when that callback returns
+            return
         deadline = time.monotonic() + timeout
         with contextlib.suppress(queue.Full):  # full: a callback is stuck, left behind below
             self._queue.put(_STOP, timeout=timeout)
@@ -102,3 +106,5 @@ class CallbackRunner:
                         f"actmon: an on_alert callback raised {type(exc).__name__}: {exc}"
                         f" (monitor.errors[{RAISED!r}] counts these)",
                     )
+            if self._stopping:
+                return

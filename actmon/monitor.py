@@ -667,9 +667,11 @@ class Monitor:
         )
 
     def _log_once(self, key: str, message: str) -> None:
-        if key not in self._logged:
+        with self._errors_lock:  # sinks and alert callbacks log from their own threads
+            if key in self._logged:
+                return
             self._logged.add(key)
-            log.warning(message)
+        log.warning(message)
 
 
 # Loss functions the double-softmax check knows, by the module that does the same.

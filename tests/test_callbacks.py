@@ -16,6 +16,7 @@ from torch import nn
 import actmon
 from actmon import callbacks
 from actmon.rules import Alert
+from tests.helpers import wait_for
 
 NO_STORE = {"store": {"enabled": False}}
 
@@ -217,3 +218,26 @@ def test_a_raising_callback_is_counted_and_the_others_still_run(caplog):
         "actmon: an on_alert callback raised ValueError: webhook down for r0"
         " (monitor.errors['(alert callback)'] counts these)"
     ]
+
+
+def test_a_callback_may_close_its_runner():
+    """A callback that closes the monitor (so its runner) from the callback thread: no join of
+    its own thread (a RuntimeError in threading), and nothing reported."""
+    reports: list[tuple[str, str]] = []
+    done = threading.Event()
+    runner = callbacks.CallbackRunner(lambda key, message: reports.append((key, message)))
+
+    def closing(alert: Alert) -> None:
+        runner.close()
+        done.set()
+
+    runner.add(closing)
+    runner.submit(_alert("r0"))
+    assert done.wait(10)
+    runner.close()  # idempotent from the training thread too
+    assert reports == []
+    wait_for(  # the thread ended when the closing callback returned
+        lambda: "actmon-alert-callbacks" not in {t.name for t in threading.enumerate()},
+        timeout=10,
+        what="the callback thread to end",
+    )
