@@ -306,17 +306,18 @@ static int activation_call(PyObject *args, activation_call_t *c) {
 }
 
 /* activation(x, outer, units, inner, mode, lo, hi, sums, maxes, counts, hist, unit_max, threads)
- * sums: float32 [sum, sumsq]; maxes: float32 [max, min]; counts: int32 [nonzero, saturated];
+ * sums: float64 [sum, sumsq]; maxes: float32 [max, min]; counts: int32 [nonzero, saturated];
  * hist: int64 [2048] (overwritten); unit_max: float32 [units] or 0 (overwritten). */
 static PyObject *activation(PyObject *self, PyObject *args) {
     activation_call_t c;
     if (!activation_call(args, &c)) return NULL;
     const job_t *a = &c.jobs[0];
-    float *sums = (float *)c.out[0], *maxes = (float *)c.out[1];
+    double *sums = (double *)c.out[0];
+    float *maxes = (float *)c.out[1];
     int32_t *counts = (int32_t *)c.out[2];
     int64_t *hist = (int64_t *)c.out[3];
-    sums[0] = (float)a->sum;
-    sums[1] = (float)a->sumsq;
+    sums[0] = a->sum;
+    sums[1] = a->sumsq;
     maxes[0] = a->mx;
     maxes[1] = a->mn;
     counts[0] = (int32_t)a->nonzero;

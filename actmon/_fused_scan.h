@@ -71,21 +71,37 @@ static inline int VARIANT(scan)(job_t *j, const float *seg, int64_t len, const i
                 isnan += v != v;
             }
         } else { /* activations: NaN / Inf come from the histogram's bins */
+            /* Moments around the block's first value c (0 if it is not finite): sums of x and
+             * x*x in float32 cancel catastrophically (a constant 1e5 read std 79, N(1e4, 1)
+             * read 0); around c they hold the spread, and the raw sums are rebuilt in double. */
+            const float c = p[0] - p[0] == 0.0f ? p[0] : 0.0f;
 #pragma omp simd reduction(+ : s, q, nz, sat, isnan) reduction(max : mx) reduction(min : mn)
             for (int64_t i = 0; i < n; i++) {
                 const float v = p[i];
-                s += v;
-                q += v * v;
+                const float d = v - c;
+                s += d;
+                q += d * d;
                 mx = v > mx ? v : mx;
                 mn = v < mn ? v : mn;
                 nz += (b[i] & 0x7fffffff) != 0;
                 isnan += v != v;
                 sat += (v < lo) | (v > hi);
             }
+            double sd = s, qd = q;
+            if (!isnan && (__builtin_isinf(s) || __builtin_isinf(q))) {
+                /* Overflow of a finite block (a spread beyond ~1.8e19): again in double. */
+                sd = qd = 0.0;
+                for (int64_t i = 0; i < n; i++) {
+                    const double d = (double)p[i] - (double)c;
+                    sd += d;
+                    qd += d * d;
+                }
+            }
+            j->sum += sd + (double)n * c;
+            j->sumsq += qd + 2.0 * c * sd + (double)n * c * c;
         }
         if (j->want_hist) VARIANT(hist_block)(j, b, n); /* the same block while it is in L1 */
-        j->sum += s;
-        j->sumsq += q;
+        if (grad) j->sumsq += q;
         j->mx = mx > j->mx ? mx : j->mx;
         j->mn = mn < j->mn ? mn : j->mn;
         nan |= isnan != 0;

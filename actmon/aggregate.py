@@ -219,7 +219,7 @@ class Aggregator:
         # Slot layouts are the kernels' field lists (stats.*_FIELDS): one source for both sides.
         self.fwd = _Slots(
             {
-                "sums": (len(stats.ACT_SUM_FIELDS), f32),
+                "sums": (len(stats.ACT_SUM_FIELDS), f64),  # moments rebuilt in float64
                 "maxes": (len(stats.ACT_MAX_FIELDS), f32),
                 "counts": (len(stats.ACT_COUNT_FIELDS), torch.int32),
             },

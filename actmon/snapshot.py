@@ -316,6 +316,26 @@ def _flags(flags: list[bool], n: int) -> np.ndarray:
     return np.array((flags + [False] * n)[:n], dtype=bool)
 
 
+def _variance(count: int, mean: float, sumsq: float, vmin: float, vmax: float) -> float:
+    """The window's population variance from its sums (each call's sums are built around a
+    value of that call, so what cancels here is float64, not float32), clamped into
+    [0, ((max - min) / 2) ** 2] (Popoviciu's bound): exactly 0 for a constant output.
+
+    NaN with no elements or a NaN/Inf among them (as torch.std); inf when the sum of squares
+    overflowed (float32 on a GPU, a spread beyond ~1.8e19 / sqrt(n)).
+    """
+    if not count or not (math.isfinite(vmin) and math.isfinite(vmax)):
+        return math.nan
+    if vmin == vmax:
+        return 0.0
+    if math.isinf(sumsq):
+        return math.inf
+    variance = sumsq / count - mean * mean
+    if math.isnan(variance):
+        return math.nan
+    return min(max(variance, 0.0), ((vmax - vmin) / 2) ** 2)
+
+
 def _layer_stats(
     i: int, info: LayerInfo, data: WindowData, config: Config, units_slice: tuple[int, int] | None
 ) -> LayerStats:
@@ -331,9 +351,9 @@ def _layer_stats(
     # count 0: every call of the window had an empty batch; the layer is listed with NaN
     # figures (no data: rules neither fire nor resolve on them) and zero counts.
     mean = total / count if count else math.nan
-    variance = max(sumsq / count - mean * mean, 0.0) if count else math.nan
     if not count:
         vmin = vmax = math.nan
+    variance = _variance(count, float(mean), float(sumsq), float(vmin), float(vmax))
     kind = info.kind
     if kind in BOUNDED_KINDS and info.bounds is not None:
         counts = data.lin_hist[i][:-1].copy()
@@ -383,7 +403,7 @@ def _layer_stats(
         sampled_steps=int(host.steps_with_data[i]),
         count=count,
         mean=float(mean),
-        std=float(math.sqrt(variance)) if math.isfinite(variance) else math.nan,
+        std=math.sqrt(variance) if not math.isnan(variance) else math.nan,
         min=float(vmin),
         max=float(vmax),
         zero_fraction=(count - int(nonzero)) / count if count else math.nan,

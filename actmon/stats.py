@@ -254,7 +254,7 @@ def summarize_activation(
     """Summarise a float32 activation into slot rows and return the variable-size parts.
 
     The slots are 0-d tensors written with ``out=``: ``sums`` = [sum, sum of squares, softmax
-    max-prob sum, softmax entropy sum] (float32), ``maxes`` = [max, min] (the aggregator
+    max-prob sum, softmax entropy sum] (float64), ``maxes`` = [max, min] (the aggregator
     negates min), ``counts`` = [nonzero, saturated] (int32). Run it under ``torch.no_grad()``.
     Returns (raw histogram (2048,) int64, per-unit max (units,) or None, linear histogram or None).
     """
@@ -405,8 +405,7 @@ def _torch_activation(
 ) -> tuple[Tensor, Tensor | None]:
     """The same statistics as ``_fused_activation`` from torch ops (any device, no sync)."""
     flat = flat_view(x)
-    torch.sum(flat, dim=0, out=sums[0])
-    torch.dot(flat, flat, out=sums[1])
+    _moments(flat, sums)
     unit_max = None
     if spec.unit_axis is not None:
         # A 1-D output: every element is a unit.
@@ -423,6 +422,19 @@ def _torch_activation(
     if spec.info.kind in _SATURATION_MODES:
         _saturated(flat, spec, counts[1])
     return hist, unit_max
+
+
+def _moments(flat: Tensor, sums: Sequence[Tensor]) -> None:
+    """Sum and sum of squares into the float64 slots, from a stable mean and standard
+    deviation (``std_mean``: Welford) rebuilt in float64 as ``n * mean`` and
+    ``n * (std**2 + mean**2)``. Raw float32 sums cancel catastrophically (N(1e4, 1) read std 0);
+    built from the same rounded mean, the window's ``sumsq / n - mean**2`` gives the variance
+    back. (std, not var: a variance beyond ~3.4e38 would overflow float32.)"""
+    n = flat.numel()
+    std, mean = torch.std_mean(flat, dim=0, correction=0)
+    mean64, std64 = mean.double(), std.double()
+    torch.mul(mean64, n, out=sums[0])
+    torch.addcmul(std64.square_().mul_(n), mean64, mean64, value=n, out=sums[1])
 
 
 def _saturated(flat: Tensor, spec: ActivationSpec, out: Tensor) -> None:

@@ -75,7 +75,7 @@ def _activation_calls(
     unit_max = torch.full((x.shape[spec.unit_axis],), -torch.inf) if spec.unit_axis else None
     window = [t.data_ptr() for t in (act_sum, act_max, act_count, act_hist)]
     window.append(unit_max.data_ptr() if unit_max is not None else 0)
-    sums, maxes = torch.zeros(4), torch.zeros(2)
+    sums, maxes = torch.zeros(4, dtype=torch.float64), torch.zeros(2)
     counts = torch.zeros(2, dtype=torch.int32)
     slots = (sums.unbind(0), maxes.unbind(0), counts.unbind(0))
     scratch = stats.Scratch()

@@ -56,7 +56,7 @@ def test_activation_kernel_matches_reference(case):
     spec = stats.ActivationSpec(
         KindInfo(Kind.RELU), unit, tuple(d for d in range(ndim) if d != unit), 0.01, 0, None
     )
-    sums, maxes = torch.zeros(4), torch.zeros(2)
+    sums, maxes = torch.zeros(4, dtype=torch.float64), torch.zeros(2)  # float64 moments
     counts = torch.zeros(2, dtype=torch.int32)
     with torch.no_grad():
         hist, unit_max, _ = stats.summarize_activation(
@@ -79,9 +79,9 @@ def test_activation_kernel_matches_reference(case):
     if torch.isfinite(ref).all():
         assert float(maxes[0]) == float(ref.max())
         assert float(maxes[1]) == float(ref.min())
-    # Moments accumulate in float32 (by design): compared where a float32 sum of squares is
-    # finite; beyond that, std reads inf and the extrema and NaN/Inf counts carry the news.
-    if torch.isfinite(ref).all() and float(ref.abs().max()) < 1e18:
+    # Moments are rebuilt in float64 (around a value of each block, or from std_mean): finite
+    # and accurate for any finite float32 data, 3e38 included.
+    if torch.isfinite(ref).all():
         assert float(sums[0]) == pytest.approx(float(ref.sum()), rel=1e-4, abs=1e-2)
         assert float(sums[1]) == pytest.approx(float((ref**2).sum()), rel=1e-4, abs=1e-2)
 

@@ -32,7 +32,7 @@ def _run_activation(
         linear_bins=linear_bins,
         softmax_dim=softmax_dim,
     )
-    sums = torch.zeros(4)
+    sums = torch.zeros(4, dtype=torch.float64)  # the slots hold float64 moments
     maxes = torch.zeros(2)
     counts = torch.zeros(2, dtype=torch.int32)
     with torch.no_grad():
