@@ -207,6 +207,22 @@ def first_tensor(output: Any) -> Tensor | None:
     return None
 
 
+def _dense(grads: list[Tensor]) -> list[Tensor]:
+    """Gradients whose norms the kernels take: a sparse one (``nn.Embedding(sparse=True)``)
+    by the values it holds, since a coalesced sparse tensor's L2 norm is that of its values
+    (coalescing sums the rows of repeated indices, as the dense gradient would)."""
+    if all(g.layout is torch.strided for g in grads):  # the common case: one cheap pass
+        return grads
+    return [
+        g
+        if g.layout is torch.strided
+        else g.coalesce().values()
+        if g.layout is torch.sparse_coo
+        else g.values()  # compressed layouts (CSR, ...) hold no repeated index
+        for g in grads
+    ]
+
+
 class Attacher:
     """Registers and owns every hook of one monitor; :meth:`remove` takes them all out again."""
 
@@ -581,7 +597,7 @@ class Attacher:
                 grads = [g for _, g in with_grad]
                 if self._dtensors:  # a shard's own norm; the ranks' squares add at the flush
                     grads = local_tensors(grads)
-                norms = stats.norms(grads)
+                norms = stats.norms(_dense(grads))
                 self._take_param_norms(positions, norms, measure_update=True)
         except Exception as exc:
             self._fail(None, exc)
@@ -645,7 +661,7 @@ class Attacher:
                 grads = [self._params[i].grad for i in positions]
                 if self._dtensors:
                     grads = local_tensors(grads)  # type: ignore[arg-type,assignment]
-                norms = stats.norms(grads)  # type: ignore[arg-type]
+                norms = stats.norms(_dense(grads))  # type: ignore[arg-type]
                 # Accumulation: a later backward of the same step sees the summed gradient and
                 # replaces this; the step's last backward is what monitor.step() records.
                 self._pending_no_opt = (positions, norms)

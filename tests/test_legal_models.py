@@ -293,3 +293,33 @@ def test_an_empty_batch_keeps_its_layers_with_zero_counts():
     with actmon.store.open(monitor.sinks["store"].path) as db:
         assert [w.step for w in db.windows()] == [2, 4, 6]
         assert db.series("count", "1") == [(2, 0.0), (4, 18.0), (6, 0.0)]
+
+
+@pytest.mark.parametrize("with_optimizer", [True, False])
+def test_sparse_embedding_gradients_have_their_norms(with_optimizer):
+    """nn.Embedding(sparse=True) gets a sparse COO gradient; with repeated indices its norm is
+    that of the dense gradient (rows of one index summed), not an error."""
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1) if with_optimizer else None
+    tokens = torch.tensor([1, 3, 1, 1, 7])  # index 1 three times
+    with actmon.watch(model, opt, log_every=1, sample_every=1, strict=True, sinks=NO_STORE) as m:
+        model(tokens).pow(2).sum().backward()
+        grad = model[0].weight.grad
+        assert grad.layout is torch.sparse_coo
+        dense = float(grad.to_dense().norm())
+        total = float(
+            torch.cat(
+                [
+                    grad.to_dense().reshape(-1),
+                    model[1].weight.grad.reshape(-1),
+                    model[1].bias.grad.reshape(-1),
+                ]
+            ).norm()
+        )
+        if opt is not None:
+            opt.step()
+            opt.zero_grad()
+        snap = m.step()
+    assert m.errors == {}
+    assert snap.params["0.weight"].grad_norm == pytest.approx(dense, rel=1e-6)
+    assert snap.grad_norm_total == pytest.approx(total, rel=1e-6)
