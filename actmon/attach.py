@@ -34,7 +34,7 @@ from actmon import stats
 from actmon.aggregate import Aggregator
 from actmon.config import Config
 from actmon.distributed import has_dtensor, local_tensors
-from actmon.errors import ConfigError, HookError, MonitorStateError
+from actmon.errors import ArgumentError, ConfigError, HookError, MonitorStateError
 from actmon.functional import FunctionalCapture
 from actmon.kinds import BOUNDED_KINDS, Kind, KindInfo, classify, with_kind
 from actmon.snapshot import LayerInfo
@@ -127,8 +127,17 @@ def select_layers(model: nn.Module, config: Config) -> list[Layer]:
     """Every leaf module matching include/exclude, classified, with config overrides applied.
 
     Raises MonitorStateError for a model whose lazy modules have not made their weights yet
-    (no hook can be put on an uninitialised parameter).
+    (no hook can be put on an uninitialised parameter), and ArgumentError for TorchScript
+    modules (torch refuses hooks on them), before anything is started.
     """
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            what = "model" if not name else f"module {name!r} of the model"
+            raise ArgumentError(
+                f"watch(model=...): the {what} is a TorchScript module"
+                f" ({type(module).__name__}), and torch allows no hooks on those; watch the"
+                " eager model (before torch.jit.script / trace), or use torch.compile"
+            )
     for name, param in model.named_parameters():
         if isinstance(param, nn.parameter.UninitializedParameter):
             owner = name.rpartition(".")[0]

@@ -323,3 +323,33 @@ def test_sparse_embedding_gradients_have_their_norms(with_optimizer):
     assert m.errors == {}
     assert snap.params["0.weight"].grad_norm == pytest.approx(dense, rel=1e-6)
     assert snap.grad_norm_total == pytest.approx(total, rel=1e-6)
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).relu()
+
+
+@pytest.mark.parametrize("scripted", ["the model", "a submodule"])
+def test_torchscript_is_refused_before_anything_starts(scripted):
+    """torch refuses hooks on TorchScript modules: a clear error, and no thread or hook left."""
+    with warnings.catch_warnings():  # torch: "torch.jit.script is deprecated"
+        warnings.simplefilter("ignore", DeprecationWarning)
+        block = torch.jit.script(_Block())
+    if scripted == "the model":
+        model: nn.Module = block
+        what = "model"
+    else:
+        model = nn.Sequential(nn.Linear(4, 4), block)
+        what = "module '1' of the model"
+    with pytest.raises(
+        actmon.ArgumentError,
+        match=rf"watch\(model=\.\.\.\): the {what} is a TorchScript module"
+        r" \(RecursiveScriptModule\), and torch allows no hooks on those; watch the eager model",
+    ):
+        actmon.watch(model, sinks={"prometheus": {"enabled": True, "port": 0}})
+    assert model(torch.randn(2, 4)).shape == (2, 4)
