@@ -273,6 +273,13 @@ class Attacher:
         self.param_layers: list[int | None] = [owner.get(n) for n, _ in named]
         self._param_position = {id(p): i for i, (_, p) in enumerate(named)}
         self._params = [p for _, p in named]
+        if any(p.is_meta for p in self._params):  # e.g. a model built under device="meta"
+            log.warning(
+                "actmon: the model's parameters are on the meta device: its layers are watched"
+                " once it runs, but parameter-gradient norms and update ratios are not, as"
+                " to_empty() or load_state_dict(assign=True) make new parameters; call watch()"
+                " after the model has its real parameters"
+            )
         self._step_grad_norms: list[Tensor] = []  # per optimizer: stacked per-parameter norms
         self._pending_update: tuple[list[Tensor], list[Tensor], Tensor, list[int]] | None = None
         self._pending_no_opt: tuple[list[int], Tensor] | None = None

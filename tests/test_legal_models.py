@@ -96,14 +96,22 @@ def test_zero_input_linear_reports_its_bias():
     assert monitor.errors == {}
 
 
-def test_meta_device_model_watches_and_closes():
+def test_meta_device_model_watches_and_closes(caplog):
     """A meta model (built for shape inference or before loading weights) has no values:
-    checks read nothing, no buffer is made, and close() leaves the model as it was."""
+    checks read nothing, no buffer is made, and close() leaves the model as it was. One
+    warning says that parameter norms need watch() after the real parameters exist."""
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh()).to("meta")
     hooks = [len(m._forward_hooks) for m in model.modules()]
-    monitor = actmon.watch(model, log_every=1)
+    with caplog.at_level(logging.WARNING, logger="actmon"):
+        monitor = actmon.watch(model, log_every=1)
     assert monitor.errors == {}
     monitor.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        "actmon: the model's parameters are on the meta device: its layers are watched once it"
+        " runs, but parameter-gradient norms and update ratios are not, as to_empty() or"
+        " load_state_dict(assign=True) make new parameters; call watch() after the model has"
+        " its real parameters"
+    ]
     assert monitor.alerts == []
     assert [len(m._forward_hooks) for m in model.modules()] == hooks
 
