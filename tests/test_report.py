@@ -628,3 +628,12 @@ def test_output_over_the_store_is_refused(healthy, tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert healthy.read_bytes() == before
     assert actmon.store.open(healthy).run().run == "healthy"
+
+
+def test_a_run_without_windows_renders_saying_so(tmp_path):
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU())
+    store = _train(tmp_path / "s.db", model, 0, 4, "empty")
+    page = write_report(store, tmp_path / "r.html").read_text()
+    assert "No window was recorded: no step ended in this run." in page
+    assert "No layer has a dead, dormant or saturation figure." in page
+    assert "<img" not in page

@@ -190,6 +190,8 @@ def _body(db: RunStore, run: rd.RunData, max_heatmaps: int) -> list[str]:
     records = sum(1 for a in alerts if a.state == "firing" and a.severity == "info")
     noted = f" ({records} info record{'s' if records != 1 else ''})" if records else ""
     parts = [f"<h1>actmon report: {_e(name)}</h1>", _summary(run, firing, noted)]
+    if not run.windows:
+        parts.append("<p class='note'>No window was recorded: no step ended in this run.</p>")
     if spans:
         parts.append(
             "<p class='critical'>Shaded, hatched spans on every time axis below are the windows"
@@ -216,6 +218,7 @@ def _body(db: RunStore, run: rd.RunData, max_heatmaps: int) -> list[str]:
         parts.append(_alerts_table(alerts))
         parts.append(_img(plots.alert_timeline(alerts, run.span, spans), "alert timeline"))
     parts.append("<h2>Layer health over time</h2>")
+    drawn = len(parts)
     for metric, title in (
         ("dead_fraction", "Dead fraction (ReLU family)"),
         ("dormant_fraction", "Dormant fraction (leaky / GELU / SiLU)"),
@@ -224,6 +227,8 @@ def _body(db: RunStore, run: rd.RunData, max_heatmaps: int) -> list[str]:
         series = rd.in_order(rd.layer_series(db, name, metric), run.layers)
         if series:
             parts.append(_img(plots.fraction_curves(series, title, run.span, spans), title))
+    if len(parts) == drawn:
+        parts.append("<p>No layer has a dead, dormant or saturation figure.</p>")
     worst = rd.worst_layers(db, run)
     parts.append("<h2>Activation distributions over time</h2>")
     parts.append(_heatmaps(db, run, worst, max_heatmaps, spans))
