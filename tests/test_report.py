@@ -637,3 +637,27 @@ def test_a_run_without_windows_renders_saying_so(tmp_path):
     assert "No window was recorded: no step ended in this run." in page
     assert "No layer has a dead, dormant or saturation figure." in page
     assert "<img" not in page
+
+
+def test_health_plots_show_the_ten_highest_layers_and_say_so(tmp_path, figures):
+    model = nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(6, 6), nn.ReLU())])
+    with torch.no_grad():
+        for i in range(12):  # layer 2i+1 has i of its 6 units' biases far negative (dead)
+            model[2 * i].bias[: min(i, 6)] = -100.0
+    store = _train(tmp_path / "s.db", model, 4, 2, "many")
+    write_report(store, tmp_path / "r.html", max_heatmaps=1)
+    ax = next(ax for fig in figures for ax in fig.axes if ax.get_title().startswith("Dead"))
+    assert ax.get_title() == "Dead fraction (ReLU family): the 10 highest of 12 layers"
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert len(labels) == 10
+    assert "1" not in labels  # layer 1 (no dead unit) is left out
+    with sqlite3.connect(store) as db:
+        peaks = dict(
+            db.execute(
+                "SELECT layer, max(value) FROM metrics WHERE metric = 'dead_fraction'"
+                " GROUP BY layer"
+            ).fetchall()
+        )
+    assert min(peaks[name] for name in labels) >= max(
+        v for name, v in peaks.items() if name not in labels
+    )

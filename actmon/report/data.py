@@ -143,6 +143,18 @@ def in_order(series: dict[str, Series], layers: list[Layer]) -> dict[str, Series
     return dict(sorted(series.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
 
 
+def highest(series: dict[str, Series], most: int) -> dict[str, Series]:
+    """The ``most`` series with the highest peak (NaN left out), kept in their given order."""
+    if len(series) <= most:
+        return series
+
+    def peak(points: Series) -> float:
+        return max((v for _, v in points if not math.isnan(v)), default=-math.inf)
+
+    keep = set(sorted(series, key=lambda n: peak(series[n]), reverse=True)[:most])
+    return {name: points for name, points in series.items() if name in keep}
+
+
 def nonfinite_windows(db: RunStore, data: RunData) -> list[tuple[int, int]]:
     """(first step - 1, last step) of every window with a NaN/Inf: in a layer's activations or
     output gradients (``nonfinite_count``), in the loss or in the total gradient norm."""

@@ -22,6 +22,7 @@ from actmon.report import plots
 from actmon.store import RunStore, StoredAlert, first_nonfinite
 
 MAX_HEATMAPS = 12  # layers with a histogram heatmap (the least healthy first)
+MAX_LINES = 10  # layers per health plot (those with the highest peak; more is unreadable)
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -226,7 +227,11 @@ def _body(db: RunStore, run: rd.RunData, max_heatmaps: int) -> list[str]:
     ):
         series = rd.in_order(rd.layer_series(db, name, metric), run.layers)
         if series:
-            parts.append(_img(plots.fraction_curves(series, title, run.span, spans), title))
+            shown = rd.highest(series, MAX_LINES)
+            heading = title
+            if len(shown) < len(series):
+                heading += f": the {len(shown)} highest of {len(series)} layers"
+            parts.append(_img(plots.fraction_curves(shown, heading, run.span, spans), title))
     if len(parts) == drawn:
         parts.append("<p>No layer has a dead, dormant or saturation figure.</p>")
     worst = rd.worst_layers(db, run)
