@@ -80,14 +80,16 @@ class CallbackRunner:
             self._stopping = True  # the thread ends when that callback returns
             return
         deadline = time.monotonic() + timeout
+        stop_queued = False
         with contextlib.suppress(queue.Full):  # full: a callback is stuck, left behind below
             self._queue.put(_STOP, timeout=timeout)
+            stop_queued = True
         thread.join(max(deadline - time.monotonic(), 0.0))
         if thread.is_alive():
-            left = self._queue.qsize()
+            left = self._queue.qsize() - stop_queued
             self._report(
                 UNFINISHED,
-                f"actmon: an on_alert callback was still running {timeout:.0f} s after close();"
+                f"actmon: an on_alert callback was still running {timeout:g} s after close();"
                 f" it is left running on its daemon thread, {left} queued alerts not passed on",
             )
 

@@ -111,7 +111,10 @@ def test_a_callback_sleeping_an_hour_neither_stalls_training_nor_exit(tmp_path):
     assert float(fields["trained"]) < 10
     assert callbacks.CLOSE_SECONDS <= float(fields["closed"]) < callbacks.CLOSE_SECONDS + 2
     assert fields["errors"] == "{'(alert callback) unfinished': 1}\n"
-    assert "an on_alert callback was still running 5 s after close()" in done.stderr
+    assert (
+        "an on_alert callback was still running 5 s after close(); it is left running on its"
+        " daemon thread, 0 queued alerts not passed on"
+    ) in done.stderr
     assert wall < 60
 
 
@@ -237,6 +240,37 @@ def test_a_callback_may_close_its_runner():
     runner.close()  # idempotent from the training thread too
     assert reports == []
     wait_for(  # the thread ended when the closing callback returned
+        lambda: "actmon-alert-callbacks" not in {t.name for t in threading.enumerate()},
+        timeout=10,
+        what="the callback thread to end",
+    )
+
+
+def test_close_waits_a_bounded_time_and_says_what_was_left():
+    release, entered = threading.Event(), threading.Event()
+    reports: list[tuple[str, str]] = []
+
+    def stuck(alert: Alert) -> None:
+        entered.set()
+        release.wait(60)
+
+    runner = callbacks.CallbackRunner(lambda key, message: reports.append((key, message)))
+    runner.add(stuck)
+    for i in range(3):
+        runner.submit(_alert(f"r{i}"))
+    assert entered.wait(10)
+    start = time.monotonic()
+    runner.close(timeout=0.5)
+    assert 0.5 <= time.monotonic() - start < 1.5
+    assert reports == [
+        (
+            callbacks.UNFINISHED,
+            "actmon: an on_alert callback was still running 0.5 s after close(); it is left"
+            " running on its daemon thread, 2 queued alerts not passed on",
+        )
+    ]
+    release.set()  # the thread goes on with what was queued, then ends
+    wait_for(
         lambda: "actmon-alert-callbacks" not in {t.name for t in threading.enumerate()},
         timeout=10,
         what="the callback thread to end",
