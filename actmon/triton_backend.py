@@ -195,7 +195,7 @@ def activation_into(
     sat_mode, lo, hi = saturation
     bins, low, scale = linear
     unit_row = rows.units if rows.units is not None else rows.maxes  # unused when mode 0
-    with _quiet(x.device):
+    with _on(x.device):
         kernels.activation[grid](
             x,
             n,
@@ -233,7 +233,7 @@ def gradient_into(g: Tensor, rows: BackwardRows) -> None:
     tiles = -(-n // TILE)
     grid = (_programs(g.device, tiles),)
     hist = rows.hist if rows.hist is not None else rows.sums  # unused without HIST
-    with _quiet(g.device):
+    with _on(g.device):
         kernels.gradient[grid](
             g,
             n,
@@ -249,11 +249,18 @@ def gradient_into(g: Tensor, rows: BackwardRows) -> None:
 
 
 @contextlib.contextmanager
-def _quiet(device: torch.device) -> Iterator[None]:
-    """Triton's interpreter (CPU tensors) computes with numpy, which warns where IEEE float
+def _on(device: torch.device) -> Iterator[None]:
+    """Where a launch runs: Triton launches on the current CUDA device, which need not be the
+    tensor's (a rank that never called set_device); made current for the launch.
+
+    Triton's interpreter (CPU tensors) computes with numpy, which warns where IEEE float
     arithmetic overflows to Inf or makes NaN: what the kernels mean, so not a warning here."""
-    if device.type != "cpu":
-        yield
+    if device.type == "cuda":
+        if device.index is None or device.index == torch.cuda.current_device():
+            yield
+        else:
+            with torch.cuda.device(device.index):
+                yield
         return
     import numpy as np
 
