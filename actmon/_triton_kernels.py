@@ -41,6 +41,61 @@ def _min(x, axis: tl.constexpr):
     return tl.reduce(x, axis, _MIN)
 
 
+# The raw histogram's 2048 bins are counted in a window of them: tl.histogram costs per element
+# about bins / 32 popcounts (a ballot per index bit, then each lane counts its own bins), so all
+# 2048 would make it several times dearer than reading the tensor. Each program instead counts
+# WINDOW magnitude bins of each sign, placed from its first tile (up to HEADROOM bins above its
+# largest finite magnitude, 14 octaves below), and the zero bins (zeros and the smallest
+# subnormals) as two sums. The few elements outside (tiny, huge, Inf, NaN) are added to their
+# bins in the window rows directly with atomics, so every bin is exact whatever the data.
+WINDOW = tl.constexpr(64)
+HEADROOM = tl.constexpr(8)
+_INF_J = tl.constexpr(1020)  # magnitude bins at or above: Inf and NaN
+
+
+@triton.jit
+def _window_base(bits, mask):
+    """The program's first windowed magnitude bin, from its first tile."""
+    j = (bits & 0x7FFFFFFF) >> 21
+    top = _max(tl.where(mask & (j > 0) & (j < _INF_J), j, 0), None)
+    top = tl.where(top > 0, top, 508)  # no finite non-zero value: centred on 1.0
+    return tl.maximum(top + HEADROOM - WINDOW + 1, 1)
+
+
+@triton.jit
+def _window_add(bits, mask, base, hist_ptr, window, zeros, N: tl.constexpr):
+    """One tile into the program's window counts and zero counts ([+0 bin, -0 bin]); the
+    elements outside the window straight into ``hist_ptr`` (int64 [2048]) with atomics."""
+    j = (bits & 0x7FFFFFFF) >> 21
+    negative = (bits < 0).to(tl.int32)
+    relative = j - base
+    inside = mask & (j > 0) & (j < _INF_J) & (relative >= 0) & (relative < WINDOW)
+    key = tl.where(inside, relative * 2 + negative, 0)
+    window += tl.histogram(tl.reshape(key, [N]), 2 * WINDOW, mask=tl.reshape(inside, [N]))
+    zero = mask & (j == 0)
+    zeros += tl.where(
+        tl.arange(0, 2) == 0,
+        _sum((zero & (negative == 0)).to(tl.int32), None),
+        _sum((zero & (negative == 1)).to(tl.int32), None),
+    )
+    outside = mask & (j > 0) & ~inside
+    one = tl.full(bits.shape, 1, tl.int64)
+    tl.atomic_add(hist_ptr + ((bits >> 21) + 1024), one, mask=outside, sem="relaxed")
+    return window, zeros
+
+
+@triton.jit
+def _window_flush(hist_ptr, window, zeros, base):
+    """A program's window and zero counts into ``hist_ptr``, one atomic per non-empty bin."""
+    k = tl.arange(0, 2 * WINDOW)
+    j = base + (k >> 1)
+    index = tl.where((k & 1) == 1, j, 1024 + j)  # negative values: bin j; positive: 1024 + j
+    tl.atomic_add(hist_ptr + index, window.to(tl.int64), mask=window != 0, sem="relaxed")
+    two = tl.arange(0, 2)
+    zero_bins = tl.where(two == 0, 1024, 0)
+    tl.atomic_add(hist_ptr + zero_bins, zeros.to(tl.int64), mask=zeros != 0, sem="relaxed")
+
+
 @triton.jit
 def _load(ptr, offsets, mask, HALF: tl.constexpr):
     """Elements as float32, from float32 (HALF 0), bfloat16 (1) or float16 (2), every finite
@@ -135,7 +190,9 @@ def activation(
     acc_nz = tl.full([1], 0, tl.int32)
     acc_nf = tl.full([1], 0, tl.int32)
     acc_sat = tl.full([1], 0, tl.int32)
-    hist = tl.full([2048], 0, tl.int32)
+    window = tl.full([2 * WINDOW], 0, tl.int32)
+    zeros = tl.full([2], 0, tl.int32)
+    base = pid * 0
     lin = tl.full([LIN_BLOCK], 0, tl.int32)
     for t in range(pid, tiles, programs):
         tr = t // tiles_c
@@ -163,13 +220,13 @@ def activation(
             acc_sat += _sum((m & ((x < lo) | (x > hi))).to(tl.int32), None)
         elif SAT == 3:
             acc_sat += _sum((m & ((x <= lo) | (x >= hi))).to(tl.int32), None)
-        flat_m = tl.reshape(m, [BLOCK_R * BLOCK_C])
-        index = tl.reshape((bits >> 21) + 1024, [BLOCK_R * BLOCK_C])
-        hist += tl.histogram(index, 2048, mask=flat_m)
+        base = tl.where(t == pid, _window_base(bits, m), base)
+        window, zeros = _window_add(bits, m, base, hist_ptr, window, zeros, BLOCK_R * BLOCK_C)
         if LIN_BINS > 0:
             scaled = tl.floor((x - lin_low) * lin_scale)
             scaled = tl.minimum(tl.maximum(scaled, 0.0), LIN_BINS - 1.0)
             lin_index = tl.where(nan, LIN_BINS * 1.0, scaled).to(tl.int32)  # NaN never cast
+            flat_m = tl.reshape(m, [BLOCK_R * BLOCK_C])
             lin += tl.histogram(tl.reshape(lin_index, [BLOCK_R * BLOCK_C]), LIN_BLOCK, mask=flat_m)
         if UNITS == 1:  # units on the columns: each column's max over the tile's rows
             col_max = _max(tl.where(real, x, float("-inf")), 0)
@@ -191,8 +248,7 @@ def activation(
     if SAT != 0:
         tl.atomic_add(count_ptr + 1 + one, acc_sat.to(tl.int64), sem="relaxed")
     tl.atomic_add(call_ptr + position + one, acc_nf.to(tl.int64), sem="relaxed")
-    bins = tl.arange(0, 2048)
-    tl.atomic_add(hist_ptr + bins, hist.to(tl.int64), mask=hist != 0, sem="relaxed")
+    _window_flush(hist_ptr, window, zeros, base)
     if LIN_BINS > 0:
         lin_bins = tl.arange(0, LIN_BLOCK)
         keep = (lin != 0) & (lin_bins <= LIN_BINS)
@@ -219,7 +275,9 @@ def gradient(
     acc_mn = tl.full([1], float("inf"), tl.float32)
     acc_nf = tl.full([1], 0, tl.int32)
     acc_nan = tl.full([1], 0, tl.int32)
-    hist = tl.full([2048], 0, tl.int32)
+    window = tl.full([2 * WINDOW], 0, tl.int32)
+    zeros = tl.full([2], 0, tl.int32)
+    base = pid * 0
     for t in range(pid, (n + BLOCK - 1) // BLOCK, programs):
         offs = offsets + t * BLOCK  # t * BLOCK < n: no int32 overflow
         m = offs < n
@@ -233,7 +291,8 @@ def gradient(
         acc_nf += _sum((m & (mag >= _EXP_BITS)).to(tl.int32), None)
         acc_nan += _sum((m & (mag > _EXP_BITS)).to(tl.int32), None)
         if HIST:
-            hist += tl.histogram((bits >> 21) + 1024, 2048, mask=m)
+            base = tl.where(t == pid, _window_base(bits, m), base)
+            window, zeros = _window_add(bits, m, base, hist_ptr, window, zeros, BLOCK)
     one = tl.arange(0, 1)
     any_nan = acc_nan > 0
     tl.atomic_add(sum_ptr + one, acc_q, sem="relaxed")
@@ -242,5 +301,4 @@ def gradient(
     _fmax_into(max_ptr + one, acc_mx, any_nan, one == 0)
     _fmax_into(max_ptr + 1 + one, -acc_mn, any_nan, one == 0)
     if HIST:
-        bins = tl.arange(0, 2048)
-        tl.atomic_add(hist_ptr + bins, hist.to(tl.int64), mask=hist != 0, sem="relaxed")
+        _window_flush(hist_ptr, window, zeros, base)

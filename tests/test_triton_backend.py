@@ -10,6 +10,7 @@ compiler, which checks what the interpreter does not (types, loop-carried values
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -210,6 +211,39 @@ def test_finite_sums_and_extrema_agree(monkeypatch, shape, axis, layout, dtype):
     assert _exact(got["maxes"], want["maxes"])
     assert got["maxes"][0].item() == exact.max().item()
     assert _exact(got["units"], want["units"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_histogram_is_exact_whatever_the_spread(monkeypatch, dtype):
+    """Each program counts a window of bins placed from its first tile and adds the rest with
+    atomics: magnitudes spread over the whole float range, a first tile far smaller or far
+    larger than the later ones, and zeros only, still give every bin exactly."""
+    gen = torch.Generator().manual_seed(4)
+    finfo = torch.finfo(dtype)
+    low, high = math.log2(finfo.tiny) - 8, math.log2(finfo.max) - 1
+    spread = torch.exp2(torch.rand(20_000, generator=gen) * (high - low) + low)
+    spread *= torch.randint(0, 2, (20_000,), generator=gen) * 2 - 1
+    tiny_first = torch.randn(20_000, generator=gen)
+    tiny_first[:4096] *= 1e-30 if dtype is not torch.float16 else 1e-4
+    huge_first = torch.randn(20_000, generator=gen)
+    huge_first[:4096] *= 1e30 if dtype is not torch.float16 else 1e4
+    for x in (spread, tiny_first, huge_first, torch.zeros(9000), -torch.zeros(9000)):
+        x = x.to(dtype)
+        for axis in (None, -1):
+            shaped = x.view(-1, 40) if axis is not None else x
+            spec = _spec(shaped, KindInfo(Kind.LINEAR), axis, bins=0)
+            got = _device_activation(shaped, spec)
+            rows = triton_backend.BackwardRows(
+                torch.zeros(3, dtype=torch.float64),
+                torch.full((2,), float("-inf")),
+                torch.zeros(2048, dtype=torch.int64),
+            )
+            stats.accumulate_gradient(shaped, rows)
+            want = torch.bincount(
+                (shaped.float().reshape(-1).view(torch.int32) >> 21) + 1024, minlength=2048
+            )
+            assert torch.equal(got["hist"], want)
+            assert torch.equal(rows.hist, want)
 
 
 def test_unit_maxima_keep_nan_and_inf_and_fold_into_earlier_calls(monkeypatch):
