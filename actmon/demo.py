@@ -9,14 +9,16 @@ Scenarios:
   run; the loop skips that update, so the ``nonfinite`` alert fires and then resolves.
 * ``healthy``: the same run without the glitch; nothing fires.
 * ``dying-relu``: SGD with a learning rate far too high kills the ReLUs (``dead_units``).
-* ``saturation``: a deep sigmoid stack with a large init (``saturating_hidden_stack`` at attach,
-  then ``saturation``).
+* ``saturation``: a deep sigmoid stack with a large init (``saturating_hidden_stack`` and
+  ``init_mismatch`` at attach, then the runtime ``saturation`` rule once most hidden outputs
+  have stayed saturated for 100 steps).
 * ``nan``: a weight turns NaN mid-run (``nonfinite``, naming the first offending layer).
 * ``double-softmax``: a softmax fed to CrossEntropyLoss (``double_softmax`` at step 1).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,12 +26,30 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.text import Text
 from torch import nn
 
 import actmon
 from actmon.sinks.console import ConsoleSink
 
 SCENARIOS = ("glitch", "healthy", "dying-relu", "saturation", "nan", "double-softmax")
+# The rule each scenario is there to show (at the default 300 steps); None: nothing fires.
+SCENARIO_RULE: dict[str, str | None] = {
+    "glitch": "nonfinite",
+    "healthy": None,
+    "dying-relu": "dead_units",
+    "saturation": "saturation",
+    "nan": "nonfinite",
+    "double-softmax": "double_softmax",
+}
+
+
+class _ShownByTheTable(logging.Filter):
+    """Drops the monitor's "actmon alert: ..." log lines: the demo's table prints each alert
+    as it fires, and a second copy on stderr would repeat every one of them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("actmon alert:")
 
 
 @dataclass
@@ -84,7 +104,7 @@ def _setup(scenario: str, steps: int) -> _Setup:
         with torch.no_grad():
             for m in model:
                 if isinstance(m, nn.Linear):
-                    m.weight.normal_(0.0, 1.0)
+                    m.weight.normal_(0.0, 2.0)
         return _Setup(model, torch.optim.SGD(model.parameters(), lr=0.1), ce)
     if scenario == "double-softmax":
         model = nn.Sequential(_mlp((64, 128, 10), nn.ReLU, kaiming=True), nn.Softmax(dim=1))
@@ -143,6 +163,8 @@ def run_demo(
         f" {monitor.prometheus_url}"
     )
     loss = torch.tensor(0.0)
+    quiet = _ShownByTheTable()
+    logging.getLogger("actmon").addFilter(quiet)
     try:
         for step in range(1, steps + 1):
             idx = torch.randint(0, len(x), (batch_size,), generator=gen)
@@ -169,6 +191,7 @@ def run_demo(
                 pass
     finally:
         monitor.close()
+        logging.getLogger("actmon").removeFilter(quiet)
     with torch.no_grad():
         accuracy = (model(x).argmax(1) == y).float().mean().item()
     result = DemoResult(monitor, float(loss.detach()), accuracy, alerts=list(monitor.alerts))
@@ -180,13 +203,37 @@ def run_demo(
         f" {monitor.overhead_seconds_total * 1e3:.0f} ms, internal errors"
         f" {monitor.internal_errors_total}"
     )
-    for alert in monitor.alerts:
-        console.print(f"  step {alert.step:>4}  {alert.state:<8} {alert.message()}", markup=False)
+    for line in _timeline(monitor.alerts):  # one line per alert: when it fired and resolved
+        console.print(Text(line))
     if report:
         from actmon.report import write_report
 
         result.report = write_report(base / "actmon.db", base / "report.html")
-    console.print(f"run store:   {base / 'actmon.db'}")
-    console.print(f"TensorBoard: tensorboard --logdir {base / 'tensorboard'}")
-    console.print(f"report:      {result.report}")
+    console.print(Text(f"run store:   {base / 'actmon.db'}"))
+    console.print(Text(f"TensorBoard: tensorboard --logdir {base / 'tensorboard'}"))
+    console.print(Text(f"report:      {result.report}"))
     return result
+
+
+def _timeline(alerts: list[actmon.Alert]) -> list[str]:
+    """Each (rule, layer) once, e.g. "nonfinite (critical) on layer '0': fired at step 120,
+    resolved at step 150" (the full text was printed when it fired)."""
+    events: dict[tuple[str, str | None], list[str]] = {}
+    severity: dict[tuple[str, str | None], str] = {}
+    for alert in alerts:
+        key = (alert.rule, alert.layer)
+        run_level = (alert.rule, None)
+        reissued = run_level in events and events[run_level][-1].startswith("fired")
+        if alert.state == "firing" and alert.layer is not None and reissued:
+            events[key] = events.pop(run_level)  # the same alert, re-issued naming its layer
+            severity[key] = severity.pop(run_level)
+            continue
+        severity[key] = alert.severity
+        when = "at attach" if alert.step == 0 else f"at step {alert.step}"
+        state = "fired" if alert.state == "firing" else "resolved"
+        events.setdefault(key, []).append(f"{state} {when}")
+    lines = []
+    for (rule, layer), what in events.items():
+        where = f" on layer {layer!r}" if layer else ""
+        lines.append(f"  {rule} ({severity[(rule, layer)]}){where}: {', '.join(what)}")
+    return lines

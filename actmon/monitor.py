@@ -124,7 +124,7 @@ class Monitor:
         # port_in_use="error"), fails watch() before anything touches the model.
         self._engine = RuleEngine(list(self.config.rules), self.layers, self.config.quantiles)
         self.alerts: list[Alert] = []  # every event, firing and resolved (the last 10,000)
-        self.active_alerts: dict[tuple[str, str | None], Alert] = {}
+        self._active: dict[tuple[str, str | None], Alert] = {}  # by (rule, layer)
         self.should_stop = False  # set by a rule with the "stop" action
         self._callbacks = CallbackRunner(self._report_callback)
         self._pending_alerts: list[Alert] = []
@@ -258,6 +258,13 @@ class Monitor:
         attacher = getattr(self, "_attacher", None)  # rules are validated before hooks attach
         order = attacher.order if attacher is not None else range(len(self._layers))
         return [self._layers[i].public() for i in order]
+
+    @property
+    def active_alerts(self) -> list[Alert]:
+        """The alerts firing now (fired and not resolved), oldest first: one per rule and
+        layer, each the latest event of its alert (a run-level alert re-issued naming its
+        layer is listed once, with the layer)."""
+        return list(self._active.values())
 
     @property
     def step_count(self) -> int:
@@ -592,10 +599,10 @@ class Monitor:
         key = (alert.rule, alert.layer)
         if alert.state == "firing":
             if alert.layer is not None:  # a run-level alert re-issued naming its layer
-                self.active_alerts.pop((alert.rule, None), None)
-            self.active_alerts[key] = alert
+                self._active.pop((alert.rule, None), None)
+            self._active[key] = alert
         else:
-            self.active_alerts.pop(key, None)
+            self._active.pop(key, None)
         for runner in self._runners:
             runner.submit(alert)
         actions = alert.actions

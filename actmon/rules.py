@@ -126,18 +126,65 @@ class Alert:
     actions: tuple[str, ...] = ()
 
     def message(self) -> str:
-        where = f" layer {self.layer!r}" if self.layer else ""
-        head = f"[{self.severity}] {self.rule}{where}: {self.metric} = {self.value:.4g}"
+        """The event as sentences for people, e.g. "[warning] dead_units on layer 'fc1' at step
+        200: dead_fraction is 0.42, above 0.3, since step 101. <summary>. Runbook: <hint>"."""
+        where = f" on layer {self.layer!r}" if self.layer else ""
+        words = _OP_WORDS.get(self.op, self.op)
+        value = f"{self.metric} is {self.value:.4g}"
         if self.state == "resolved":
-            return f"{head} resolved at step {self.step}"
-        text = (
-            f"{head} {self.op} {self.threshold:g} since step {self.first_seen} (step {self.step})"
-        )
+            return (
+                f"[{self.severity}] {self.rule}{where} resolved at step {self.step}: {value}, no"
+                f" longer {words} {self.threshold:g}."
+            )
+        when = "at attach" if self.step == 0 else f"at step {self.step}"
+        parts = [f"[{self.severity}] {self.rule}{where} {when}:"]
+        if self.metric not in MODEL_CHECK_METRICS or not self.summary:  # a check says it all
+            since = f", since step {self.first_seen}" if self.first_seen < self.step else ""
+            parts.append(f"{value}, {words} {self.threshold:g}{since}.")
         if self.summary:
-            text += f" — {self.summary}"
+            parts.append(_sentence(self.summary))
         if self.runbook:
-            text += f" Runbook: {self.runbook}"
+            parts.append(f"Runbook: {_sentence(self.runbook)}")
+        return " ".join(parts)
+
+    def short(self) -> str:
+        """One line naming the alert without its text, e.g. "dead_units (warning) on layer
+        'fc1', firing since step 200" (status lines; :meth:`message` is printed when it fires)."""
+        where = f" on layer {self.layer!r}" if self.layer else ""
+        if self.state == "resolved":
+            return f"{self.rule} ({self.severity}){where}, resolved at step {self.step}"
+        since = "since attach" if self.step == 0 else f"since step {self.step}"
+        return f"{self.rule} ({self.severity}){where}, firing {since}"
+
+
+# How a rule's comparison reads in a sentence ("dead_fraction is 0.42, above 0.3").
+_OP_WORDS = {
+    ">": "above",
+    ">=": "at or above",
+    "<": "below",
+    "<=": "at or below",
+    "==": "equal to",
+    "!=": "not equal to",
+}
+
+# The metrics of the model checks (actmon.checks): their summary states the finding itself.
+MODEL_CHECK_METRICS = frozenset(
+    {
+        "saturating_hidden_layers",
+        "last_layer_softmax",
+        "init_scale_ratio",
+        "loss_input_is_probability",
+    }
+)
+
+
+def _sentence(text: str) -> str:
+    """``text`` capitalised and ending in a full stop."""
+    text = text.strip()
+    if not text:
         return text
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?" else text + "."
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import shutil
 import subprocess
 
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from actmon.cli import main
-from actmon.demo import run_demo
+from actmon.demo import SCENARIO_RULE, SCENARIOS, run_demo
 
 
 def _demo(tmp_path, scenario, steps=300, **kw):
@@ -51,7 +52,10 @@ def test_default_demo_shows_an_alert_firing_and_resolving(tmp_path):
     [
         ("healthy", []),
         ("dying-relu", [("dead_units", "1", "firing", 150)]),
-        ("saturation", [("saturating_hidden_stack", "7", "firing", 0)]),
+        (
+            "saturation",
+            [("saturating_hidden_stack", "7", "firing", 0), ("saturation", "7", "firing", 100)],
+        ),
         ("nan", [("nonfinite", "0", "firing", 150)]),
         ("double-softmax", [("double_softmax", None, "firing", 1)]),
     ],
@@ -63,6 +67,33 @@ def test_each_scenario_fires_its_alert(tmp_path, scenario, expected):
         assert event in firing
     if not expected:
         assert firing == []
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_each_scenario_shows_its_own_rule_firing_at_runtime(tmp_path, scenario):
+    result, _ = _demo(tmp_path, scenario, report=False)
+    rule = SCENARIO_RULE[scenario]
+    fired = {a.rule for a in result.alerts if a.state == "firing" and a.severity != "info"}
+    if rule is None:
+        assert fired == set()
+    else:
+        assert rule in fired
+        # Fired by the rule engine on a window (step > 0), not only by a check at attach.
+        assert any(a.rule == rule and a.step > 0 for a in result.alerts)
+
+
+def test_the_demo_prints_each_alert_once(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="actmon"):
+        result, text = _demo(tmp_path, "glitch", report=False)
+    printed = " ".join((text + caplog.text).split())  # the console wraps long lines
+    firing = [a for a in result.alerts if a.state == "firing"]
+    assert firing
+    for alert in firing:
+        assert printed.count(" ".join(alert.message().split())) == 1, alert.message()
+    assert "  nonfinite (critical) on layer '0': fired at step 120, resolved at step 150\n" in text
+    assert "(step 120)" not in printed  # no "since step 120 (step 120)"
+    # The filter that keeps the log quiet during the demo is gone after it.
+    assert not logging.getLogger("actmon").filters
 
 
 def test_report_sections_and_chromium_render(tmp_path):

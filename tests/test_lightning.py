@@ -145,7 +145,7 @@ def test_a_raise_rule_ends_fit_with_a_clear_error(tmp_path):
         log_every=2, sample_every=1, rules=[rule], sinks={"store": {"path": str(path)}}
     )
     trainer = _trainer(tmp_path, callback)
-    with pytest.raises(actmon.AlertError, match=r"\[critical\] dead layer 'net.1'"):
+    with pytest.raises(actmon.AlertError, match=r"\[critical\] dead on layer 'net.1' at step"):
         trainer.fit(Net(dead_bias=-100.0), _loader())
     assert trainer.global_step == 2
     with store.open(path) as db:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -63,7 +65,8 @@ def test_for_steps_dedup_resolution_and_cooldown():
         # windows 5-6 would fire at step 60, but the cooldown lasts until step 70
         ("r", "act", "firing", 90, 71),
     ]
-    assert list(mon.active_alerts) == [("r", "act")]
+    assert mon.active_alerts == [mon.alerts[-1]]  # a list of Alerts: the one firing now
+    assert [(a.rule, a.layer, a.state) for a in mon.active_alerts] == [("r", "act", "firing")]
 
 
 def test_warmup_and_immediate_rules():
@@ -98,8 +101,8 @@ def test_actions_callback_stop_and_raise():
     model(torch.randn(2, 4)).sum().backward()
     with pytest.raises(
         actmon.AlertError,
-        match=r"\[warning\] boom layer 'act': dead_fraction"
-        r" = 0.6 > 0.3 since step 1 \(step 4\)",
+        match=r"\[warning\] boom on layer 'act' at step 4: dead_fraction is 0.6, above 0.3,"
+        r" since step 1\.",
     ):
         monitor.step()
     monitor.close()
@@ -340,3 +343,92 @@ def test_a_noisy_flat_loss_does_not_fire_loss_divergence():
             model(torch.randn(2, 4)).sum().backward()
             monitor.step(loss=float(1.0 + 0.5 * torch.rand(1, generator=gen)))
     assert [a.rule for a in monitor.alerts] == []
+
+
+def _event(**kwargs: object) -> actmon.Alert:
+    base: dict[str, object] = {
+        "rule": "dead_units",
+        "layer": "fc1",
+        "severity": "warning",
+        "metric": "dead_fraction",
+        "value": 0.4219,
+        "op": ">",
+        "threshold": 0.3,
+        "step": 200,
+        "first_seen": 101,
+        "summary": "over 30% of this layer's units output exactly 0",
+        "runbook": "Lower the learning rate",
+    }
+    return actmon.Alert(**{**base, **kwargs})  # type: ignore[arg-type]
+
+
+def test_alert_messages_read_as_sentences():
+    assert _event().message() == (
+        "[warning] dead_units on layer 'fc1' at step 200: dead_fraction is 0.4219, above 0.3,"
+        " since step 101. Over 30% of this layer's units output exactly 0. Runbook: Lower the"
+        " learning rate."
+    )
+    # A condition first seen in the window of this event: no "since step N (step N)".
+    nan = _event(
+        rule="nonfinite",
+        layer="0",
+        severity="critical",
+        metric="nonfinite_count",
+        value=395,
+        threshold=0,
+        step=120,
+        first_seen=120,
+        summary="",
+        runbook="",
+    )
+    assert (
+        nan.message()
+        == "[critical] nonfinite on layer '0' at step 120: nonfinite_count is 395, above 0."
+    )
+    resolved = replace(nan, state="resolved", value=0.0, step=150)
+    assert resolved.message() == (
+        "[critical] nonfinite on layer '0' resolved at step 150: nonfinite_count is 0, no longer"
+        " above 0."
+    )
+    assert _event().short() == "dead_units (warning) on layer 'fc1', firing since step 200"
+    assert resolved.short() == "nonfinite (critical) on layer '0', resolved at step 150"
+    low = _event(
+        rule="vanishing",
+        layer=None,
+        metric="grad_norm_depth_ratio",
+        op="<",
+        threshold=1e-4,
+        value=2.5e-12,
+        summary="",
+        runbook="",
+    )
+    assert low.message() == (
+        "[warning] vanishing at step 200: grad_norm_depth_ratio is 2.5e-12, below 0.0001, since"
+        " step 101."
+    )
+
+
+def test_model_check_messages_say_the_finding_not_a_flag():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.Softmax(dim=1))
+    criterion = nn.CrossEntropyLoss()
+    with actmon.watch(model, loss_fn=criterion, log_every=1) as monitor:
+        criterion(model(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
+        monitor.step()
+    (alert,) = [a for a in monitor.alerts if a.rule == "double_softmax"]
+    assert alert.message() == (
+        "[critical] double_softmax at step 1: CrossEntropyLoss receives softmax probabilities"
+        " (rows >= 0 summing to 1); it expects logits. Runbook: Remove the final"
+        " softmax/sigmoid: the loss applies it itself."
+    )
+    deep = nn.Sequential(
+        *(m for _ in range(4) for m in (nn.Linear(4, 4), nn.Tanh())), nn.Linear(4, 2)
+    )
+    with actmon.watch(deep, log_every=1) as monitor:
+        deep(torch.randn(2, 4)).sum().backward()
+        monitor.step()
+    (stack,) = [a for a in monitor.alerts if a.rule == "saturating_hidden_stack"]
+    assert stack.message() == (
+        "[warning] saturating_hidden_stack on layer '7' at attach: 4 sigmoid/tanh hidden layers"
+        " (1, 3, 5, 7): deep saturating stacks train slowly or not at all. Runbook: Use ReLU/GELU"
+        " hidden activations or add normalisation."
+    )

@@ -138,7 +138,7 @@ class ConsoleSink:
                 )
             )
         for alert in self._active.values():
-            self.console.print(Text(f"  active: {alert.message()}"))
+            self.console.print(Text(f"  active: {alert.short()}"))  # full text: when it fired
 
     def write_alert(self, alert: Alert) -> None:
         key = (alert.rule, alert.layer)
