@@ -159,6 +159,7 @@ class Monitor:
                 local_rank=0 if dist is None else dist.local_rank,
                 store_path=store_path,
                 without=without,
+                dropped=lambda: (self.dropped_windows, self.dropped_alerts),
             )
             named += [(type(sink).__name__, sink) for sink in self._user_sinks]
             for name, sink in named:
@@ -359,8 +360,15 @@ class Monitor:
 
     @property
     def dropped_windows(self) -> dict[str, int]:
-        """Windows each sink dropped (queue full, or still failing after its retries)."""
+        """Windows each sink dropped (queue full, still failing after its retries, or left at
+        the drain deadline). Also counted in ``errors`` as ``"dropped:<sink>"``, exported as
+        ``actmon_dropped_windows_total{sink}`` and recorded in the run store."""
         return {runner.name: runner.dropped for runner in self._runners}
+
+    @property
+    def dropped_alerts(self) -> dict[str, int]:
+        """Alerts each sink dropped (their own queue, of 10,000, was full; or still failing)."""
+        return {runner.name: runner.dropped_alerts for runner in self._runners}
 
     @_guarded
     def close(self, status: str = "finished") -> None:
@@ -552,6 +560,7 @@ class Monitor:
                 layers=self._with_carried_layers(snapshot.layers),
                 overhead_seconds_total=self.overhead_seconds_total,
                 internal_errors=errors,
+                dropped_windows=self.dropped_windows,
                 rank=None if self._dist is None else self._dist.label,
                 loss_scale=self._loss_scale(),
             )
@@ -640,6 +649,7 @@ class Monitor:
                 sinks.queue_size,
                 sinks.retries,
                 sinks.backoff_seconds,
+                on_drop=self._record_drop,
             )
         )
 
@@ -647,6 +657,13 @@ class Monitor:
         """Alert callbacks' failures and drops (from their thread): counted, logged once."""
         self._count_error(where)
         self._log_once(where, message)
+
+    def _record_drop(self, name: str, count: int) -> None:
+        """A sink dropped a window or an alert (its runner logs it, rate-limited)."""
+        where = f"dropped:{name}"
+        with self._errors_lock:
+            self.errors[where] = self.errors.get(where, 0) + count
+            self.internal_errors_total += count
 
     def _count_error(self, where: str) -> None:
         with self._errors_lock:  # hooks may run on autograd's threads, sinks on their own

@@ -214,6 +214,7 @@ class Snapshot:
     params: dict[str, ParamStats]
     overhead_seconds_total: float = 0.0  # the monitor's own host time so far
     internal_errors: dict[str, int] = field(default_factory=dict)  # so far, by where
+    dropped_windows: dict[str, int] = field(default_factory=dict)  # so far, by sink
     # The rank whose own view this is (distributed: per_rank); None for a single process and
     # for windows reduced over every rank.
     rank: int | None = None

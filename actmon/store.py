@@ -1,10 +1,14 @@
 """The run store: one SQLite file per run, and the small read API gate and report use.
 
-Schema (version 1), long format so new metrics need no migration:
+Schema (version 2), long format so new metrics need no migration:
 
 * ``meta(key, value)`` — ``schema_version``.
-* ``runs(run, started, ended, status, config_json, model_json)`` — status is ``running`` until
-  the monitor closes (``finished`` / ``failed``); a killed run stays ``running``.
+* ``runs(run, started, ended, status, config_json, model_json, dropped_json, complete)`` —
+  status is ``running`` until the monitor closes (``finished`` / ``failed``, ``terminated`` on
+  SIGTERM); a killed run stays ``running``. ``dropped_json``: ``{"windows": {sink: n},
+  "alerts": {sink: n}}``, what each sink dropped (kept up to date as windows are written);
+  ``complete``: 1 when the run finished and no sink dropped anything, else 0 (NULL: not known,
+  a run written by schema version 1).
 * ``layers(run, name, kind, unit_axis, units)``.
 * ``windows(run, step, first_step, last_step, sampled_steps)``.
 * ``metrics(run, step, layer, metric, value)`` — ``layer`` is ``''`` for run-level metrics.
@@ -28,7 +32,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,13 +42,15 @@ from actmon.errors import ActmonError
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 lacks runs.dropped_json and runs.complete
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     run TEXT PRIMARY KEY, started REAL NOT NULL, ended REAL, status TEXT NOT NULL,
-    config_json TEXT NOT NULL, model_json TEXT NOT NULL
+    config_json TEXT NOT NULL, model_json TEXT NOT NULL,
+    dropped_json TEXT NOT NULL DEFAULT '{}', complete INTEGER
 );
 CREATE TABLE IF NOT EXISTS layers (
     run TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL, unit_axis INTEGER, units INTEGER,
@@ -102,6 +108,13 @@ class RunInfo:
     status: str
     config: dict[str, object]
     layers: list[dict[str, object]]
+    # Windows and alerts each sink dropped (queue full, failing after its retries, left at the
+    # drain deadline): every sink, the store itself included, with 0 for none.
+    dropped: dict[str, int] = field(default_factory=dict)
+    dropped_alerts: dict[str, int] = field(default_factory=dict)
+    # True: finished with nothing dropped anywhere. False: not finished, or something was
+    # dropped. None: not known (a store written by schema version 1).
+    complete: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -178,13 +191,14 @@ class RunStore:
         except StoreError:
             self._db.close()
             raise
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             self._db.close()
             found = "none" if version is None else version
             raise StoreError(
                 f"run store {str(self.path)!r} has schema version {found}; this actmon reads"
-                f" version {SCHEMA_VERSION}"
+                f" versions {', '.join(map(str, READABLE_VERSIONS))}"
             )
+        self.version = version
 
     def close(self) -> None:
         self._db.close()
@@ -247,9 +261,14 @@ class RunStore:
     @_decoded
     def runs(self) -> list[RunInfo]:
         out = []
-        for run, started, ended, status, config_json, model_json in self._query(
-            "SELECT run, started, ended, status, config_json, model_json FROM runs ORDER BY started"
+        extra = ", dropped_json, complete" if self.version >= 2 else ", '{}', NULL"
+        for run, started, ended, status, config_json, model_json, dropped, complete in self._query(
+            f"SELECT run, started, ended, status, config_json, model_json{extra} FROM runs"
+            " ORDER BY started"
         ):
+            drops = json.loads(str(dropped))
+            if not isinstance(drops, dict):
+                raise ValueError(f"dropped_json is {type(drops).__name__}, not an object")
             out.append(
                 RunInfo(
                     str(run),
@@ -258,6 +277,9 @@ class RunStore:
                     str(status),
                     json.loads(str(config_json)),
                     json.loads(str(model_json)),
+                    _counts(drops.get("windows", {})),
+                    _counts(drops.get("alerts", {})),
+                    None if complete is None else bool(complete),
                 )
             )
         return out
@@ -349,6 +371,13 @@ class RunStore:
             counts[int(first) : int(first) + len(part)] = part  # ValueError if corrupt
             out.append((int(step), edges, counts))
         return out
+
+
+def _counts(value: object) -> dict[str, int]:
+    """``{sink: count}`` from the store's JSON (ValueError when it is anything else)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"dropped counts are {type(value).__name__}, not an object")
+    return {str(k): int(v) for k, v in value.items()}
 
 
 def _short(name: object, limit: int = 40) -> str:

@@ -139,6 +139,7 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path):
 
 
 EXPORTED = {
+    "actmon_dropped_windows_total",
     "actmon_dead_fraction",
     "actmon_dormant_fraction",
     "actmon_zero_fraction",

@@ -58,9 +58,9 @@ def test_a_raising_sink_is_retried_counted_and_dropped_while_others_carry_on(tmp
     with actmon.watch(model, log_every=2, extra_sinks=[bad], sinks=sinks) as monitor:
         _train(monitor, model, 6)
     assert bad.calls == 3 * 3  # each of 3 windows: 1 attempt + 2 retries
-    assert monitor.errors == {"sink:Raising": 9}
+    assert monitor.errors == {"sink:Raising": 9, "dropped:Raising": 3}  # drops are counted too
     assert monitor.dropped_windows == {"store": 0, "Raising": 3}
-    assert monitor.internal_errors_total == 9
+    assert monitor.internal_errors_total == 12
     with store.open(path) as db:
         assert len(db.windows()) == 3
 

@@ -138,5 +138,5 @@ def test_store_errors_are_clear(tmp_path):
     db.execute("INSERT INTO meta VALUES ('schema_version', '99')")
     db.commit()
     db.close()
-    with pytest.raises(StoreError, match="has schema version 99; this actmon reads version 1"):
+    with pytest.raises(StoreError, match="has schema version 99; this actmon reads versions 1, 2"):
         store.open(other)

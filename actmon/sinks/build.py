@@ -24,6 +24,7 @@ def build_sinks(
     local_rank: int = 0,
     store_path: Path | None = None,
     without: Collection[str] = (),
+    dropped: Callable[[], tuple[dict[str, int], dict[str, int]]] = lambda: ({}, {}),
 ) -> list[tuple[str, Sink]]:
     """(name, sink) for every enabled sink that could start, in the order they receive windows.
 
@@ -37,7 +38,8 @@ def build_sinks(
 
     ``store_path``: where ``run`` was claimed (:func:`actmon.sinks.store.claim_run`); None: the
     store sink claims exactly ``run`` itself (a rank joining rank 0's run). ``without``: sinks
-    left out (one whose start already failed and was reported).
+    left out (one whose start already failed and was reported). ``dropped``: what each sink
+    has dropped so far (windows, alerts), which the store records.
     """
     cfg = config.sinks
     makers: list[tuple[str, Callable[[], Sink]]] = []
@@ -51,7 +53,7 @@ def build_sinks(
             timeout = cfg.store.busy_timeout_seconds
             if path is None:
                 _, path = claim_run(cfg.store.path, run, rank, config_json, timeout, exact=True)
-            return StoreSink(path, run, config_json, layers, timeout)
+            return StoreSink(path, run, config_json, layers, timeout, dropped)
 
         makers.append(("store", store))
     if cfg.prometheus.enabled:

@@ -453,12 +453,22 @@ class PrometheusSink:
             "Failures contained inside actmon (a hook, a flush or a sink), by where they happened.",
             labels=["run", "sink", "layer"],
         )
-        if not snap.internal_errors:  # a zero series, so dashboards and rate() see the counter
+        # Drops ("dropped:<sink>") have their own counter, actmon_dropped_windows_total.
+        contained = {k: v for k, v in snap.internal_errors.items() if not k.startswith("dropped:")}
+        if not contained:  # a zero series, so dashboards and rate() see the counter
             errors.add_metric([run, "", ""], 0.0)
-        for where, count in sorted(snap.internal_errors.items()):
+        for where, count in sorted(contained.items()):
             sink = where.removeprefix("sink:") if where.startswith("sink:") else ""
             errors.add_metric([run, bounded(sink), "" if sink else bounded(where)], count)
-        out.extend([overhead, errors])
+        dropped = CounterMetricFamily(
+            "actmon_dropped_windows",
+            "Windows a sink dropped (its queue full, still failing after its retries, or left at"
+            " the drain deadline), by sink; a run with drops is incomplete in the run store.",
+            labels=["run", "sink"],
+        )
+        for sink, count in sorted(snap.dropped_windows.items()):
+            dropped.add_metric([run, bounded(sink)], count)
+        out.extend([overhead, errors, dropped])
         return out
 
 

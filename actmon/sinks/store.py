@@ -66,8 +66,8 @@ def _claim(path: Path, run: str, started: float, config_json: str, busy_timeout:
             if db.execute("SELECT 1 FROM runs WHERE run = ?", (run,)).fetchone() is not None:
                 return False
             db.execute(
-                "INSERT INTO runs (run, started, ended, status, config_json, model_json)"
-                " VALUES (?, ?, NULL, 'running', ?, '[]')",
+                "INSERT INTO runs (run, started, ended, status, config_json, model_json,"
+                " complete) VALUES (?, ?, NULL, 'running', ?, '[]', 0)",
                 (run, started, config_json),
             )
         except BaseException:
@@ -100,6 +100,12 @@ def _prepare(db: sqlite3.Connection) -> None:
         row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
             db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif str(row[0]) == "1":  # its runs keep complete = NULL: not known
+            db.execute("ALTER TABLE runs ADD COLUMN dropped_json TEXT NOT NULL DEFAULT '{}'")
+            db.execute("ALTER TABLE runs ADD COLUMN complete INTEGER")
+            db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+            )
         elif str(row[0]) != str(SCHEMA_VERSION):
             raise StoreError(
                 f"the run store has schema version {row[0]}; this actmon writes version"
@@ -111,8 +117,12 @@ def _prepare(db: sqlite3.Connection) -> None:
     db.execute("COMMIT")
 
 
+Drops = Callable[[], tuple[dict[str, int], dict[str, int]]]
+
+
 class StoreSink:
-    """Appends windows to ``path``; marks the run finished/failed at close."""
+    """Appends windows to ``path``; records how the run ended at close: its status, what every
+    sink dropped (``dropped()``: windows and alerts by sink) and whether it is complete."""
 
     def __init__(
         self,
@@ -121,10 +131,13 @@ class StoreSink:
         config_json: str,
         layers: Callable[[], list[LayerInfo]],
         busy_timeout: float = 5.0,
+        dropped: Drops = lambda: ({}, {}),
     ) -> None:
         self.path = Path(path)
         self.run = run
         self.status = "finished"  # what close() records; the monitor sets "failed"
+        self._dropped = dropped
+        self._dropped_stored = "{}"
         self._config_json = config_json
         self._layers = layers
         self._db: sqlite3.Connection | None = None
@@ -143,7 +156,7 @@ class StoreSink:
                 # The run was claimed at watch(); only a store recreated since lacks its row.
                 db.execute(
                     "INSERT OR IGNORE INTO runs (run, started, ended, status, config_json,"
-                    " model_json) VALUES (?, ?, NULL, 'running', ?, '[]')",
+                    " model_json, complete) VALUES (?, ?, NULL, 'running', ?, '[]', 0)",
                     (self.run, self._started, self._config_json),
                 )
             except BaseException:
@@ -215,7 +228,15 @@ class StoreSink:
                 if k not in self._edges_stored
             ]
             db.executemany("INSERT OR REPLACE INTO histogram_edges VALUES (?, ?, ?)", new_edges)
+            drops = self._drops_json()
+            if drops != self._dropped_stored:  # so a killed run's store says it lost some
+                db.execute("UPDATE runs SET dropped_json = ? WHERE run = ?", (drops, self.run))
         self._edges_stored.update(k for _, k, _ in new_edges)  # only once committed
+        self._dropped_stored = drops
+
+    def _drops_json(self) -> str:
+        windows, alerts = self._dropped()
+        return json.dumps({"windows": windows, "alerts": alerts}, sort_keys=True)
 
     def write_alert(self, alert: Alert) -> None:
         db = self._connect()
@@ -241,11 +262,35 @@ class StoreSink:
 
     def close(self) -> None:
         db = self._connect()
+        try:
+            try:
+                self._finish(db, layers=True)
+            except sqlite3.OperationalError:
+                # A full disk: after a checkpoint the short final update may still fit (the
+                # WAL's frames are reused), and the run then says how it ended and what it lost.
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._finish(db, layers=False)
+        finally:
+            db.close()
+            self._db = None
+
+    def _finish(self, db: sqlite3.Connection, layers: bool) -> None:
+        """The run's last row update: ended, status, drops, and whether it is complete."""
+        windows, alerts = self._dropped()  # final: the other sinks are closed before this one
+        complete = (
+            self.status == "finished" and not any(windows.values()) and not any(alerts.values())
+        )
         with db:
-            self._write_layers(db)
+            if layers:
+                self._write_layers(db)
             db.execute(
-                "UPDATE runs SET ended = ?, status = ? WHERE run = ?",
-                (time.time(), self.status, self.run),
+                "UPDATE runs SET ended = ?, status = ?, dropped_json = ?, complete = ?"
+                " WHERE run = ?",
+                (
+                    time.time(),
+                    self.status,
+                    json.dumps({"windows": windows, "alerts": alerts}, sort_keys=True),
+                    int(complete),
+                    self.run,
+                ),
             )
-        db.close()
-        self._db = None
