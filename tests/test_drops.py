@@ -60,16 +60,17 @@ def test_alerts_are_never_dropped_behind_windows(tmp_path):
     monitor = actmon.watch(
         model, log_every=1, rules=[EVERY_LAYER], checks=False, extra_sinks=[held], sinks=sinks
     )
-    monitor.step()  # window 1, before any layer ran: no alert; the sink holds it
-    assert held.entered.wait(10)
-    model(torch.randn(4, 8))
-    monitor.step()  # window 2: 300 alerts fire
-    for _ in range(8):  # windows 3-10
-        model(torch.randn(4, 8))
-        monitor.step()
-    assert monitor.dropped_windows == {"store": 0, "Held": 7}  # 1 held, 2 queued, 7 dropped
-    held.release.set()
-    monitor.close()
+    try:
+        monitor.step()  # window 1, before any layer ran: no alert; the sink holds it
+        assert held.entered.wait(10)
+        for window in range(2, 11):  # window 2: 300 alerts fire; then windows 3-10
+            model(torch.randn(4, 8))
+            monitor.step()
+            wait_for(lambda w=window: monitor.delivered_windows["store"] == w, what="a window")
+        assert monitor.dropped_windows == {"store": 0, "Held": 7}  # 1 held, 2 queued, 7 dropped
+    finally:
+        held.release.set()
+        monitor.close()
     assert monitor.dropped_alerts == {"store": 0, "Held": 0}
     assert held.got == [("window", 1)] + [("alert", 2)] * 300 + [("window", 2), ("window", 3)]
     assert monitor.errors == {"dropped:Held": 7}
