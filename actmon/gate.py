@@ -1,6 +1,7 @@
 """The CI gate: judge a run's store against health thresholds (and a baseline run).
 
-Checks, in order: the run's status (a failed, terminated or unfinished run fails), each
+Checks, in order: the run's status (a failed, terminated or unfinished run fails), whether
+every window reached every sink (a run whose sinks dropped windows or alerts fails), each
 (metric, layer) of the run's final window with a value (dead fraction, saturated fraction),
 gradient health (vanishing: the final depth ratio; exploding: a window's largest total gradient
 norm against the median of the windows before it), non-finite values anywhere in the run, and
@@ -94,7 +95,7 @@ def evaluate(
     """Every check of the run (the only one when ``run`` is None), passed or not."""
     info = db.run(run)
     name = info.run
-    checks = [_status_check(info, thresholds)]
+    checks = [_status_check(info, thresholds), _completeness_check(info)]
     base_run = None  # the baseline's only run, or its run of the same name
     if baseline is not None:
         runs = baseline.runs()
@@ -130,6 +131,25 @@ def evaluate(
     if thresholds.fail_on is not None:
         checks.extend(_alert_checks(db, thresholds.fail_on, name))
     return checks
+
+
+def _completeness_check(info: RunInfo) -> Check:
+    """A run whose sinks dropped windows or alerts is incomplete: its final window in the store
+    may not be the run's final window, and what a sink lost cannot be judged."""
+    lost = [
+        f"{n} {what}{'s' if n != 1 else ''} by the {sink} sink"
+        for what, counts in (("window", info.dropped), ("alert", info.dropped_alerts))
+        for sink, n in sorted(counts.items())
+        if n
+    ]
+    if not lost:
+        return Check("run_complete", None, "dropped", 0.0, 0.0, None, True)
+    text = (
+        f"the run is incomplete: {', '.join(lost)} were dropped (a full disk, a failing or slow"
+        " sink); what was lost cannot be judged, so fix the sink and run again"
+    )
+    total = float(sum(info.dropped.values()) + sum(info.dropped_alerts.values()))
+    return Check("run_complete", None, "dropped", total, 0.0, None, False, text=text)
 
 
 def _status_check(info: RunInfo, thresholds: Thresholds) -> Check:

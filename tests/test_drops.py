@@ -15,11 +15,13 @@ import threading
 from pathlib import Path
 
 import torch
+from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 import actmon
 from actmon import store
+from actmon.cli import main
 from tests.helpers import fetch_when, train_steps, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +135,11 @@ def test_tensorboard_drops_are_counted_exported_and_recorded(tmp_path):
         assert info.dropped == {"store": 0, "tensorboard": 8, "prometheus": 0}
         assert (info.status, info.complete) == ("finished", False)
         assert len(db.windows()) == 11
+    gate = CliRunner().invoke(main, ["gate", "--store", str(path)])
+    assert gate.exit_code == 1, gate.output
+    assert (
+        "FAIL the run is incomplete: 8 windows by the tensorboard sink were dropped" in gate.output
+    )
 
 
 FULL_DISK = textwrap.dedent("""
@@ -176,6 +183,10 @@ def test_a_full_disk_makes_an_incomplete_run_that_says_what_it_lost(tmp_path):
         assert len(db.windows()) == delivered["store"]
         assert (info.status, info.complete) == ("finished", False)
         assert (info.dropped, info.dropped_alerts) == (dropped, dropped_alerts)
+    # Before, the gate passed the run on the last window that fitted.
+    gate = CliRunner().invoke(main, ["gate", "--store", str(path)])
+    assert gate.exit_code == 1, gate.output
+    assert f"{dropped['store']} windows by the store sink" in gate.output
 
 
 def test_a_dropped_window_of_a_locked_store_is_recorded(tmp_path):

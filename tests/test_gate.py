@@ -82,13 +82,14 @@ def test_gate_fails_a_dying_relu_run_naming_the_layer(tmp_path):
     cases = [c.get("name") for c in suite]
     assert cases == [
         "run_status",
+        "run_complete",
         "dead_fraction[1]",
         "vanishing_gradients",
         "exploding_gradients",
         "nonfinite",
         "alerts (severity critical or above)",
     ]
-    assert (suite.get("tests"), suite.get("failures")) == ("6", "1")
+    assert (suite.get("tests"), suite.get("failures")) == ("7", "1")
     failed = [c.get("name") for c in suite if c.find("failure") is not None]
     assert failed == ["dead_fraction[1]"]
     assert "| dead_fraction[1] | 0.75 | <= 0.3 | 20 |" in summary.read_text()
@@ -263,7 +264,7 @@ def test_command_mode_keeps_the_store_where_it_says(tmp_path, monkeypatch):
     keep = tmp_path / "ci-store"
     result = _gate("--keep-store", str(keep), "--", sys.executable, str(script))
     assert result.exit_code == 0, result.output
-    assert "actmon gate: kept passed 7 checks" in result.output
+    assert "actmon gate: kept passed 8 checks" in result.output
     path = keep / "actmon.db"
     assert f"run store kept at {path}; read it with: actmon report {path}" in result.output
     with actmon.store.open(path) as db:
@@ -422,7 +423,7 @@ def test_fail_on_severity(tmp_path):
     ) in warn.output
     assert "dead_info" not in warn.output
     info = _gate("--store", store, "--max-dead", "1", "--fail-on", "info")
-    assert "actmon gate: warned failed 2 of 7 checks" in info.output
+    assert "actmon gate: warned failed 2 of 8 checks" in info.output
     assert _gate("--store", store, "--max-dead", "1", "--fail-on", "none").exit_code == 0
     gate_cfg = tmp_path / "gate.yaml"
     gate_cfg.write_text("gate:\n  fail_on: warning\n  max_dead: 1\n")
