@@ -113,3 +113,14 @@ def reference_raw_hist(tensors: list[Tensor]) -> np.ndarray:
             j = (e - 1 + 127) * 4 + int((2 * m - 1) * 4)
         raw[j if negative else 1024 + j] += 1
     return raw
+
+
+@pytest.fixture(autouse=True)
+def _close_leftover_monitors() -> Iterator[None]:
+    """Close monitors a test left open (a test that ends in an expected exception, say), so the
+    process-wide SIGTERM/exit registry starts empty for the next test."""
+    import actmon.lifecycle
+
+    yield
+    for monitor in actmon.lifecycle._monitors():
+        monitor.close()
