@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import actmon
 from actmon.errors import ConfigError
-from actmon.sinks.build import rank_path
+from actmon.sinks.paths import rank_path
 from actmon.sinks.prometheus import free_port
 from actmon.store import RunStore
 from tests import dist_worker as W

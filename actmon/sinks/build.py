@@ -10,6 +10,7 @@ from pathlib import Path
 from actmon.config import Config
 from actmon.errors import ConfigError
 from actmon.sinks import Sink
+from actmon.sinks.paths import rank_path
 from actmon.snapshot import LayerInfo
 
 log = logging.getLogger("actmon")
@@ -106,15 +107,3 @@ def close_all(sinks: list[tuple[str, Sink]]) -> None:
             sink.close()
         except Exception as exc:
             log.warning("actmon: closing sink %s after a failed watch(): %s", name, exc)
-
-
-def rank_path(template: str, run: str, rank: int | None, directory: bool) -> str:
-    """A sink's path from its template: ``{run}`` and ``{rank}`` filled in. With a per-rank
-    ``rank`` and no ``{rank}`` in the template, the rank gets its own ``rank<N>`` directory:
-    ``runs/r/actmon.db`` -> ``runs/r/rank1/actmon.db`` (a file), ``runs/r/tensorboard`` ->
-    ``runs/r/tensorboard/rank1`` (a directory), so ranks never write to one file."""
-    path = template.format(run=run, rank=0 if rank is None else rank)
-    if rank is None or "{rank}" in template:
-        return path
-    p = Path(path)
-    return str(p / f"rank{rank}" if directory else p.parent / f"rank{rank}" / p.name)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from actmon.rules import Alert
-from actmon.sinks.build import rank_path
+from actmon.sinks.paths import rank_path
 from actmon.snapshot import LayerInfo, Snapshot
 from actmon.store import SCHEMA, SCHEMA_VERSION, StoreError
 
