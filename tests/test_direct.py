@@ -104,17 +104,22 @@ def _same(a: object, b: object, where: str) -> None:
         assert a == b, (where, a, b)
 
 
+def assert_same_snapshots(got: list[actmon.Snapshot], want: list[actmon.Snapshot]) -> None:
+    """Window by window: the same first non-finite value, layers and every LayerStats field."""
+    for g, w in zip(got, want, strict=True):
+        assert g.first_nonfinite == w.first_nonfinite
+        assert g.layers.keys() == w.layers.keys()
+        for name, layer in g.layers.items():
+            for f in dataclasses.fields(layer):
+                _same(getattr(layer, f.name), getattr(w.layers[name], f.name), f"{name}.{f.name}")
+
+
 def test_direct_window_rows_equal_the_slot_row_path(monkeypatch):
     direct, calls = run(monkeypatch, direct=True)
     slots, _ = run(monkeypatch, direct=False)
     assert calls, "the direct path never ran"
     assert len(direct) == len(slots) == 3
-    for d, s in zip(direct, slots, strict=True):
-        assert d.first_nonfinite == s.first_nonfinite
-        assert d.layers.keys() == s.layers.keys()
-        for name, layer in d.layers.items():
-            for f in dataclasses.fields(layer):
-                _same(getattr(layer, f.name), getattr(s.layers[name], f.name), f"{name}.{f.name}")
+    assert_same_snapshots(direct, slots)
     last = direct[-1]
     # The injected layer is the first non-finite one, found in the mixed step's call order.
     assert last.first_nonfinite == actmon.NonFinite(

@@ -9,7 +9,6 @@ compiler, which checks what the interpreter does not (types, loop-carried values
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import subprocess
@@ -24,7 +23,7 @@ pytest.importorskip("triton")
 import actmon
 from actmon import stats, triton_backend
 from actmon.kinds import Kind, KindInfo
-from tests.test_direct import _same, mixed_model
+from tests.test_direct import assert_same_snapshots, mixed_model
 
 
 @pytest.fixture(autouse=True)
@@ -434,12 +433,7 @@ def test_training_snapshots_equal_the_torch_op_path(monkeypatch, dtype):
     assert sum(triton_backend.LAUNCHES.values()) > before
     plain = _train(monkeypatch, False, dtype)
     assert len(device) == len(plain) == 3
-    for d, p in zip(device, plain, strict=True):
-        assert d.first_nonfinite == p.first_nonfinite
-        assert d.layers.keys() == p.layers.keys()
-        for name, layer in d.layers.items():
-            for f in dataclasses.fields(layer):
-                _same(getattr(layer, f.name), getattr(p.layers[name], f.name), f"{name}.{f.name}")
+    assert_same_snapshots(device, plain)
     last = device[-1]
     assert last.first_nonfinite == actmon.NonFinite(
         step=9, source="activation", layer="5", confirmed_step=9
