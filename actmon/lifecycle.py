@@ -110,6 +110,12 @@ def _install() -> None:
     if _installed or threading.current_thread() is not threading.main_thread():
         return
     current = signal.getsignal(signal.SIGTERM)
+    if current is _on_sigterm:
+        # Ours is already in place: someone installed theirs over ours and later put ours
+        # back (Lightning's signal connector does, around fit). The handler ours replaced
+        # then is still the one to chain to.
+        _installed = True
+        return
     if current is signal.SIG_IGN:  # the process ignores SIGTERM: so do we
         return
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -124,7 +130,9 @@ def _uninstall() -> None:
         return  # closed off the main thread: ours stays and only passes signals on
     if signal.getsignal(signal.SIGTERM) is _on_sigterm:
         signal.signal(signal.SIGTERM, _previous if _previous is not None else signal.SIG_DFL)
-    _installed, _previous = False, None
+        _previous = None
+    # else: the handler on top may put ours back later; ours then still chains to _previous
+    _installed = False
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

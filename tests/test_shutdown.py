@@ -174,13 +174,43 @@ def test_close_puts_the_earlier_sigterm_handler_back():
         model = nn.Sequential(nn.Linear(6, 4), nn.ReLU())
         first = actmon.watch(model, sinks={"store": {"enabled": False}})
         second = actmon.watch(nn.Linear(6, 2), sinks={"store": {"enabled": False}})
-        assert signal.getsignal(signal.SIGTERM) not in (mine, before)
+        assert signal.getsignal(signal.SIGTERM) is actmon.lifecycle._on_sigterm
         first.close()
         assert signal.getsignal(signal.SIGTERM) is not mine  # the second is still open
         second.close()
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_handler_that_puts_ours_back_keeps_the_chain_to_the_one_before(tmp_path):
+    """Lightning's signal connector installs its SIGTERM handler over ours for fit and puts
+    ours back after: a monitor closed in between leaves ours chaining to the original."""
+    proc = _start(
+        tmp_path,
+        """
+        def original(signum, frame):
+            print("original handler", flush=True)
+            sys.exit(7)
+
+        def theirs(signum, frame):
+            print("not reached", flush=True)
+
+        signal.signal(signal.SIGTERM, original)
+        first = actmon.watch(nn.Linear(6, 2), sinks={"store": {"enabled": False}})
+        ours = signal.signal(signal.SIGTERM, theirs)  # "fit" starts
+        first.close()  # closed during fit: theirs is on top, so it stays
+        assert signal.getsignal(signal.SIGTERM) is theirs
+        signal.signal(signal.SIGTERM, ours)  # "fit" ends: ours is back
+        m = actmon.watch(model, run_name="t", log_every=4, sinks={"store": {"path": path}})
+        train_steps(m, model, 6, loss=1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+        """,
+    )
+    rc, out, err = _finish(proc)
+    assert (rc, out) == (7, "original handler\n"), err
+    assert _stored(tmp_path)[:2] == ("terminated", [4, 6])
 
 
 def test_an_ignored_sigterm_stays_ignored_and_a_thread_installs_nothing():
